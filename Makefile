@@ -1,0 +1,38 @@
+# Two set-up commands: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU machines: torch/torchvision from the local wheel cache (see README).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
+
+.PHONY: venv demo test bench clean constraints
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# mambavision pins old timm/transformers and pulls mamba-ssm: no deps.
+	$(PY) -m pip install -q --no-deps mambavision==1.2.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dakd pipeline --config jobs/configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info platform/*.egg-info
+
+# Re-resolve the known-good versions after changing dependencies.
+constraints: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^mambavision' > constraints.new
+	{ head -3 constraints.txt; cat constraints.new; } > constraints.txt && rm constraints.new

@@ -1,0 +1,113 @@
+"""The `dakd` command: one subcommand per job, the same options as `python jobs/<job>.py`.
+
+Common options: --config FILE, --set key=value (repeatable), --json (the last stdout
+line is one JSON object summarising what the job did). Jobs connect to the Ray
+cluster named by RAY_ADDRESS (or ray.address in config) or start a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from dakd.config import JOB_CONFIGS, load_config
+from dakd.errors import DakdError
+
+
+def _runner(job: str) -> Callable:
+    """The function that runs `job` (imported lazily so --help stays fast)."""
+    if job == "ingest":
+        from dakd.data.ingest import run_ingest
+
+        return run_ingest
+    if job == "balance":
+        from dakd.data.balance import run_balance
+
+        return run_balance
+    if job == "pipeline":
+        from dakd.pipeline import run_pipeline
+
+        return run_pipeline
+    raise KeyError(job)
+
+
+JOB_HELP = {
+    "ingest": "read a data source (procedural, OSD, SOS, folder) into a Parquet shard set",
+    "balance": "compute the balancing factor b of a shard set and record it in its manifest",
+    "pipeline": "run every stage in order (ingest, balance, ...) under one output root",
+}
+
+# Flags that are shorthands for --set (job -> flag -> config field).
+SHORTHANDS = {
+    "ingest": {"overwrite": "overwrite", "on_error": "on_error", "output": "output"},
+    "balance": {},
+    "pipeline": {"overwrite": "overwrite", "on_error": "on_error", "output": "output"},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dakd", description="DAKD platform: SAR oil-spill segmentation on Ray.")
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for job, model in JOB_CONFIGS.items():
+        p = sub.add_parser(job, help=JOB_HELP[job], description=f"{JOB_HELP[job]}. Config model: {model.__name__}.")
+        add_job_options(p, job)
+    return parser
+
+
+def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file (presets in jobs/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted path, e.g. --set source.kind=sos (repeatable)")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    shorthands = SHORTHANDS[job]
+    if "output" in shorthands:
+        p.add_argument("--output", metavar="URI", help="output location (path, file:// or s3://)")
+    if "overwrite" in shorthands:
+        p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    if "on_error" in shorthands:
+        p.add_argument("--on-error", dest="on_error", choices=["fail", "skip"],
+                       help="fail on the first bad pair (default) or skip bad pairs and list them in the manifest")
+
+
+def run_job(job: str, args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides)
+    for flag, field in SHORTHANDS[job].items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{field}={json.dumps(value)}")
+    cfg = load_config(JOB_CONFIGS[job], args.config, overrides)
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return {}
+    return _runner(job)(cfg)
+
+
+def main(argv: list[str] | None = None, job: str | None = None) -> int:
+    """Entry point of `dakd` (and, with `job`, of `python jobs/<job>.py`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if job is not None:
+        parser = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=JOB_HELP[job])
+        add_job_options(parser, job)
+        args = parser.parse_args(argv)
+        args.job = job
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        summary = run_job(args.job, args)
+    except DakdError as exc:
+        print(f"dakd {args.job}: error: {exc}", file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"job": args.job, "ok": False, "error": str(exc)}), flush=True)
+        return 2
+    if args.json and not args.print_config:
+        print(json.dumps({"ok": True, **summary}, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

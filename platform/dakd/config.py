@@ -1,0 +1,194 @@
+"""Job configuration: one pydantic model per job; the platform's defaults live only here.
+
+A job's config comes from a YAML file (`--config`), then dotted overrides
+(`--set a.b=c`, repeatable; the value is parsed as YAML, so `3`, `0.5`, `true`,
+`[1, 2]` and `null` have their YAML types). Unknown keys and bad values raise
+ConfigError naming the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dakd.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- shared sections
+class RayConfig(Strict):
+    """Where jobs run: the cluster named by `address` or RAY_ADDRESS, else a local Ray."""
+
+    address: str | None = None
+    # Logical CPUs of a locally started Ray. More than the cores, so Train workers
+    # cannot starve the Ray Data tasks that feed them (DESIGN.md).
+    local_num_cpus: int = Field(8, ge=1)
+    local_object_store_mb: int = Field(512, ge=80)
+
+
+class ProceduralSource(Strict):
+    """Built-in SAR-like scenes with the five OSD classes (the embedded default data)."""
+
+    splits: dict[str, int] = Field(default_factory=lambda: {"train": 48, "test": 16})
+    height: int = Field(64, ge=8)
+    width: int = Field(64, ge=8)
+    seed: int = 0
+    looks: int = Field(4, ge=1, description="speckle looks L (gamma shape)")
+
+
+class SourceConfig(Strict):
+    """A data source: `kind` picks the reader; `root` is a path or URI (not for procedural)."""
+
+    kind: Literal["procedural", "osd", "sos", "folder"] = "procedural"
+    root: str | None = None
+    splits: list[str] = Field(default_factory=lambda: ["train", "test"])
+    sensors: list[Literal["palsar", "sentinel"]] = Field(default_factory=lambda: ["palsar", "sentinel"])
+    # folder reader: the split its files belong to, and an optional RGB palette
+    # (index i = class i) with class names; without a palette masks are index PNGs.
+    folder_split: str = "train"
+    palette: list[tuple[int, int, int]] | None = None
+    class_names: list[str] | None = None
+    # share of a label's pixels allowed off the palette (mapped to the nearest colour)
+    max_off_palette_share: float = Field(0.01, ge=0.0, le=1.0)
+    procedural: ProceduralSource = Field(default_factory=ProceduralSource)
+
+    @model_validator(mode="after")
+    def _root_needed(self):
+        if self.kind != "procedural" and not self.root:
+            raise ValueError(f"source.root is required for source.kind={self.kind!r} (a folder path or URI)")
+        if self.kind == "folder" and self.palette is not None and self.class_names is not None:
+            if len(self.palette) != len(self.class_names):
+                raise ValueError("source.palette and source.class_names must have the same length")
+        return self
+
+
+# ---------------------------------------------------------------- jobs
+class IngestConfig(Strict):
+    """`dakd ingest`: a source -> a Parquet shard set at `output`."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    output: str = "runs/demo/real"
+    rows_per_file: int = Field(256, ge=1)
+    on_error: Literal["fail", "skip"] = "fail"
+    overwrite: bool = False
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class BalanceConfig(Strict):
+    """`dakd balance`: b = sqrt(P(x0) / P(y0)) over one split of a shard set."""
+
+    shards: str = "runs/demo/real"
+    split: str = "train"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class PipelineConfig(Strict):
+    """`dakd pipeline`: every stage in order under one output root."""
+
+    output: str = "runs/demo"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    rows_per_file: int = Field(256, ge=1)
+    on_error: Literal["fail", "skip"] = "fail"
+    overwrite: bool = False
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+JOB_CONFIGS: dict[str, type[Strict]] = {
+    "ingest": IngestConfig,
+    "balance": BalanceConfig,
+    "pipeline": PipelineConfig,
+}
+
+
+# ---------------------------------------------------------------- loading
+def _set_dotted(data: dict, dotted: str, value, model: type[BaseModel]) -> None:
+    """Set data[a][b][c] = value for dotted 'a.b.c', checking each key against the model."""
+    keys = dotted.split(".")
+    node, cls = data, model
+    for i, key in enumerate(keys):
+        where = ".".join(keys[: i + 1])
+        if cls is not None:
+            if key not in cls.model_fields:
+                valid = ", ".join(sorted(cls.model_fields))
+                raise ConfigError(f"--set {dotted}: unknown field '{where}' (valid here: {valid})")
+            annotation = cls.model_fields[key].annotation
+            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if i == len(keys) - 1:
+            node[key] = value
+        else:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'a.b=c' -> ('a.b', yaml value of c)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set ingest.rows_per_file=128")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = err["msg"]
+        got = err.get("input")
+        got_text = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        lines.append(f"  {where}: {msg}{got_text}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[Strict], path: str | None = None, overrides: list[str] | tuple = ()) -> Strict:
+    """YAML file (optional) + dotted overrides -> validated model; ConfigError on any problem."""
+    data: dict = {}
+    origin = "defaults"
+    if path:
+        origin = path
+        if not os.path.exists(path):
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields at the top level, got {type(loaded).__name__}")
+        data = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value, model)
+    if overrides:
+        origin += " + --set overrides"
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    """A config as plain JSON-able data (for manifests, provenance and MLflow params)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Data: readers (records), the Parquet shard format, transforms and the balancing factor."""

@@ -1,0 +1,59 @@
+"""The fixed class tables of the data sets the platform reads.
+
+A class table maps class index -> name and display colour (RGB). The OSD palette is
+also the label encoding of the OSD data set (RGB label PNGs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """Class names and their RGB colours; index i is class i."""
+
+    name: str
+    names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def palette(self) -> np.ndarray:
+        """(C, 3) uint8 colours."""
+        return np.asarray(self.colors, dtype=np.uint8)
+
+    def colorize(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) class index -> (H, W, 3) uint8 RGB."""
+        return self.palette()[np.clip(mask, 0, self.num_classes - 1)]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "names": list(self.names), "colors": [list(c) for c in self.colors]}
+
+
+# Krestenitis et al. 2019 (OSD): the label PNG colours are the class encoding.
+OSD_CLASSES = ClassTable(
+    name="osd",
+    names=("sea", "oil", "look-alike", "ship", "land"),
+    colors=((0, 0, 0), (0, 255, 255), (255, 0, 0), (153, 76, 0), (0, 153, 0)),
+)
+
+# Zhu et al. 2022 (SOS, "Deep-SAR Oil Spill"): binary.
+SOS_CLASSES = ClassTable(
+    name="sos",
+    names=("background", "oil"),
+    colors=((0, 0, 0), (255, 255, 255)),
+)
+
+CLASS_TABLES = {t.name: t for t in (OSD_CLASSES, SOS_CLASSES)}
+
+
+def class_table_from_dict(d: dict) -> ClassTable:
+    """Inverse of ClassTable.to_dict (used when reading a manifest)."""
+    return ClassTable(
+        name=d["name"], names=tuple(d["names"]), colors=tuple(tuple(int(v) for v in c) for c in d["colors"])
+    )

@@ -1,0 +1,24 @@
+"""Error types whose messages name the file or field and what was expected."""
+
+from __future__ import annotations
+
+
+class DakdError(Exception):
+    """Base class: a user-facing error with a clear message (no traceback needed)."""
+
+
+class ConfigError(DakdError):
+    """A config file, field or override is invalid."""
+
+
+class DataError(DakdError):
+    """A source file or sample is invalid. `path` names it; the message says what was expected."""
+
+    def __init__(self, path: str, message: str):
+        self.path = str(path)
+        self.reason = message
+        super().__init__(f"{path}: {message}")
+
+
+class StorageError(DakdError):
+    """A storage URI cannot be read or written."""

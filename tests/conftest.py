@@ -1,0 +1,80 @@
+"""Shared test fixtures: a real local Ray cluster, a real S3-protocol server (moto) on
+127.0.0.1. Both are session-scoped: Ray start-up costs seconds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Keep every Ray start on 127.0.0.1 (DESIGN.md "Ray and addresses") and one torch thread.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.pop("RAY_ADDRESS", None)
+os.environ["OMP_NUM_THREADS"] = "1"
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+S3_BUCKET = "dakd-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; the standard AWS variables point at it (set before Ray
+    starts, so Ray workers inherit them). Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_uri(s3_server):
+    """A fresh s3:// prefix in the test bucket."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray (one node, 8 logical CPUs on 127.0.0.1), shared by the session."""
+    import ray
+
+    ray.init(num_cpus=8, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
