@@ -1,0 +1,171 @@
+"""`dakd ingest`: a data source -> a Parquet shard set, decoded and validated in parallel
+with Ray Data.
+
+Work is cut into chunks of `rows_per_file` pairs per split; each chunk is one Ray Data
+row, decoded, validated and written by one task to its deterministic shard name, and
+returns its statistics. The driver writes the manifest last, only when every chunk
+succeeded (or, with on_error=skip, listing what was skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+
+from dakd import __version__, storage
+from dakd.config import IngestConfig, SourceConfig, dump_config
+from dakd.data import shards
+from dakd.data.readers import PairRef
+from dakd.data.sources import make_reader
+from dakd.data.transforms import NORMALIZATION
+from dakd.errors import DataError
+from dakd.runtime import init_ray
+
+log = logging.getLogger(__name__)
+
+
+def _ref_to_dict(ref: PairRef) -> dict:
+    d = dataclasses.asdict(ref)
+    d["extra"] = [list(kv) for kv in ref.extra]
+    return d
+
+
+def _ref_from_dict(d: dict) -> PairRef:
+    return PairRef(**{**d, "extra": tuple(tuple(kv) for kv in d["extra"])})
+
+
+def plan_chunks(refs: list[PairRef], rows_per_file: int) -> list[dict]:
+    """Group refs by split (sorted by id) into chunks of at most rows_per_file."""
+    by_split: dict[str, list[PairRef]] = {}
+    for ref in sorted(refs, key=lambda r: (r.split, r.id)):
+        by_split.setdefault(ref.split, []).append(ref)
+    chunks = []
+    for split, items in sorted(by_split.items()):
+        for index, start in enumerate(range(0, len(items), rows_per_file)):
+            part = items[start : start + rows_per_file]
+            chunks.append({"split": split, "index": index, "refs": json.dumps([_ref_to_dict(r) for r in part])})
+    return chunks
+
+
+def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int) -> dict:
+    """Decode, validate and write one chunk; returns its statistics as {"stats": json}."""
+    reader = make_reader(SourceConfig.model_validate(source))
+    records, errors, off_palette = [], [], []
+    class_pixels = np.zeros(num_classes, dtype=np.int64)
+    sizes: Counter = Counter()
+    for ref in map(_ref_from_dict, json.loads(chunk["refs"])):
+        try:
+            rec = reader.read(ref)  # validates sizes, decoding and class values
+        except DataError as exc:
+            errors.append({"id": ref.id, "path": exc.path, "reason": exc.reason})
+            continue
+        records.append(rec)
+        class_pixels += np.bincount(rec["mask"].ravel(), minlength=num_classes)[:num_classes]
+        sizes[f"{rec['height']}x{rec['width']}"] += 1
+        if rec.get("off_palette_pixels"):
+            off_palette.append({"id": rec["id"], "pixels": int(rec["off_palette_pixels"])})
+    file_info = None
+    if records:
+        name = shards.shard_name(chunk["split"], chunk["index"])
+        size = shards.write_table(storage.join_uri(output, name), shards.records_to_table(records))
+        file_info = {"path": name, "rows": len(records), "bytes": size}
+    stats = {
+        "split": chunk["split"],
+        "file": file_info,
+        "class_pixels": class_pixels.tolist(),
+        "sizes": dict(sizes),
+        "off_palette": off_palette,
+        "errors": errors,
+    }
+    return {"stats": json.dumps(stats)}
+
+
+def _refuse_existing(output: str, overwrite: bool) -> None:
+    """Refuse to write into an existing shard set unless overwrite; with overwrite, clear it."""
+    has_manifest = shards.read_manifest(output) is not None
+    has_data = bool(storage.list_files(storage.join_uri(output, "data")))
+    if (has_manifest or has_data) and not overwrite:
+        what = "a shard set" if has_manifest else "shard files (an incomplete shard set)"
+        raise DataError(output, f"already holds {what}; pass --overwrite to replace it")
+    if overwrite and (has_manifest or has_data):
+        log.info("overwrite: removing the shard set at %s", output)
+        shards.remove_manifest(output)  # first, so a failure below never leaves a stale "complete" set
+        storage.delete_dir(storage.join_uri(output, "data"))
+
+
+def _first_error(errors: list[dict]) -> DataError:
+    e = errors[0]
+    more = f" (and {len(errors) - 1} more problem(s); use --on-error=skip to skip bad pairs)" if len(errors) > 1 else " (use --on-error=skip to skip bad pairs)"
+    return DataError(e["path"], e["reason"] + more)
+
+
+def run_ingest(cfg: IngestConfig) -> dict:
+    """Run the ingest job; returns the job summary (outputs, counts)."""
+    output = cfg.output
+    reader = make_reader(cfg.source)
+    classes = reader.classes
+    refs, problems = reader.list_pairs()  # raises DataError for a missing/empty source
+    if problems and cfg.on_error == "fail":
+        raise _first_error(problems)
+    storage.ensure_dir(output)
+    storage.check_writable(output)
+    _refuse_existing(output, cfg.overwrite)
+
+    chunks = plan_chunks(refs, cfg.rows_per_file)
+    log.info("ingest: %d pairs in %d chunks -> %s", len(refs), len(chunks), output)
+    ray = init_ray(cfg.ray)
+    source = dump_config(cfg.source)
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+    results = ds.map(
+        ingest_chunk,
+        fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes},
+        num_cpus=1,
+    ).take_all()
+    stats = [json.loads(r["stats"]) for r in results]
+
+    errors = [e for s in stats for e in s["errors"]]
+    if errors and cfg.on_error == "fail":
+        raise _first_error(errors)
+
+    splits: dict[str, dict] = {}
+    sizes: Counter = Counter()
+    off_palette: list[dict] = []
+    for s in sorted(stats, key=lambda s: (s["split"], s["file"]["path"] if s["file"] else "")):
+        entry = splits.setdefault(s["split"], {"count": 0, "files": [], "class_pixels": [0] * classes.num_classes})
+        if s["file"]:
+            entry["files"].append(s["file"])
+            entry["count"] += s["file"]["rows"]
+        entry["class_pixels"] = [a + b for a, b in zip(entry["class_pixels"], s["class_pixels"])]
+        sizes.update(s["sizes"])
+        off_palette.extend(s["off_palette"])
+    for entry in splits.values():
+        total = sum(entry["class_pixels"]) or 1
+        entry["class_share"] = [p / total for p in entry["class_pixels"]]
+    skipped = list(problems) + errors
+    manifest = {
+        "kind": "real",
+        "created_by": f"dakd {__version__} ingest",
+        "source": source,
+        "classes": classes.to_dict(),
+        "normalization": NORMALIZATION,
+        "splits": splits,
+        "image_sizes": dict(sorted(sizes.items())),
+        "off_palette": {"total_pixels": sum(o["pixels"] for o in off_palette), "samples": off_palette},
+        "skipped": skipped,
+    }
+    if not splits:
+        raise DataError(output, "no valid pairs were written (all were skipped); no shard set created")
+    shards.write_manifest(output, manifest)
+    return {
+        "job": "ingest",
+        "output": output,
+        "counts": {k: v["count"] for k, v in splits.items()},
+        "files": sum(len(v["files"]) for v in splits.values()),
+        "skipped": len(skipped),
+        "off_palette_pixels": manifest["off_palette"]["total_pixels"],
+        "classes": list(classes.names),
+    }

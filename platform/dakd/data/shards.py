@@ -1,0 +1,166 @@
+"""The shard set: one Parquet schema, its writer and reader, and the manifest.
+
+A shard set at URI `root` is
+    root/data/<split>/part-<index:05d>.parquet   rows of SHARD_SCHEMA
+    root/manifest.json                           written last
+A shard set without a manifest is incomplete: `open_shard_set` refuses it.
+
+Row layout (SHARD_SCHEMA): `image` and `mask` are the raw bytes of H×W uint8 arrays
+(row-major); `image` holds 8-bit grey levels (see data.transforms for the one
+normalisation), `mask` class indices. Synthetic shard sets add `logits` (C×H×W
+float16 bytes), `seed` and provenance columns (see SYNTH_FIELDS).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dakd import storage
+from dakd.data.classes import ClassTable, class_table_from_dict
+from dakd.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("sensor", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.binary()),
+        ("mask", pa.binary()),
+        ("off_palette_pixels", pa.int64()),
+    ]
+)
+
+
+def shard_name(split: str, index: int) -> str:
+    """Deterministic relative object name of shard `index` of `split`."""
+    return f"data/{split}/part-{index:05d}.parquet"
+
+
+def records_to_table(records: list[dict], schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
+    """Records (id, split, source, sensor, height, width, image H×W uint8, mask H×W uint8, …) -> table."""
+    cols: dict[str, list] = {name: [] for name in schema.names}
+    for r in records:
+        h, w = int(r["height"]), int(r["width"])
+        for name in schema.names:
+            v = r.get(name)
+            if name in ("image", "mask"):
+                arr = np.ascontiguousarray(v, dtype=np.uint8)
+                if arr.shape != (h, w):
+                    raise DataError(r["id"], f"{name} has shape {arr.shape}, expected ({h}, {w})")
+                v = arr.tobytes()
+            elif name == "logits":
+                v = np.ascontiguousarray(v, dtype=np.float16).tobytes()
+            cols[name].append(v)
+    return pa.table(cols, schema=schema)
+
+
+def row_to_record(row: dict) -> dict:
+    """A table row (dict of Python/bytes values) -> record with numpy arrays."""
+    h, w = int(row["height"]), int(row["width"])
+    rec = dict(row)
+    rec["image"] = np.frombuffer(row["image"], dtype=np.uint8).reshape(h, w)
+    rec["mask"] = np.frombuffer(row["mask"], dtype=np.uint8).reshape(h, w)
+    if row.get("logits") is not None:
+        logits = np.frombuffer(row["logits"], dtype=np.float16)
+        rec["logits"] = logits.reshape(-1, h, w)
+    return rec
+
+
+def write_table(uri: str, table: pa.Table) -> int:
+    """Write one Parquet object; returns its size in bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    storage.write_bytes(uri, data)
+    return len(data)
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A complete shard set: its root URI and manifest."""
+
+    root: str
+    manifest: dict
+
+    @property
+    def classes(self) -> ClassTable:
+        return class_table_from_dict(self.manifest["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self.manifest["splits"])
+
+    def files(self, split: str) -> list[str]:
+        """URIs of the shard files of `split` (DataError if the split is absent)."""
+        if split not in self.manifest["splits"]:
+            raise DataError(
+                storage.join_uri(self.root, MANIFEST),
+                f"split {split!r} not in this shard set (has: {', '.join(self.splits) or 'none'})",
+            )
+        return [storage.join_uri(self.root, f["path"]) for f in self.manifest["splits"][split]["files"]]
+
+    def iter_records(self, split: str):
+        """Yield records of `split` in shard order (single process; for small sets and tests)."""
+        for uri in self.files(split):
+            for row in read_table(uri).to_pylist():
+                yield row_to_record(row)
+
+    @property
+    def balance(self) -> dict | None:
+        return self.manifest.get("balance")
+
+
+def read_manifest(root: str) -> dict | None:
+    """The manifest of the shard set at `root`, or None when there is none."""
+    uri = storage.join_uri(root, MANIFEST)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as exc:
+        raise DataError(uri, f"manifest is not valid JSON ({exc})") from exc
+
+
+def open_shard_set(root: str) -> ShardSet:
+    """Open a complete shard set; DataError naming `root` if it has no manifest."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        has_data = bool(storage.list_files(storage.join_uri(root, "data")))
+        what = "holds shards but no manifest.json: an incomplete or failed write" if has_data else "no shard set here"
+        raise DataError(root, f"{what} (expected {MANIFEST}; run `dakd ingest` to create one)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            storage.join_uri(root, MANIFEST),
+            f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
+        )
+    return ShardSet(root=str(root), manifest=manifest)
+
+
+def write_manifest(root: str, manifest: dict) -> None:
+    """Write the manifest (last step of a job that creates or updates a shard set)."""
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_text(storage.join_uri(root, MANIFEST), json.dumps(manifest, indent=2, sort_keys=False))
+
+
+def remove_manifest(root: str) -> None:
+    uri = storage.join_uri(root, MANIFEST)
+    if storage.exists(uri):
+        loc = storage.resolve(uri)
+        loc.fs.delete_file(loc.path)
