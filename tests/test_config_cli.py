@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dakd.cli import JOB_HELP, main
-from dakd.config import IngestConfig, PipelineConfig, load_config, parse_override
+from dakd.config import IngestConfig, PipelineConfig, TrainJointNetConfig, load_config, parse_override
 from dakd.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,10 +62,16 @@ def test_override_parsing():
         parse_override("novalue")
 
 
+PRESET_MODELS = {"ingest": IngestConfig, "jointnet": TrainJointNetConfig, "demo": PipelineConfig,
+                 "pipeline": PipelineConfig}
+
+
 def test_presets_validate():
     configs = os.path.join(REPO, "jobs", "configs")
-    for name in sorted(os.listdir(configs)):
-        model = PipelineConfig if name in ("demo.yaml",) or name.startswith("pipeline") else IngestConfig
+    names = sorted(os.listdir(configs))
+    assert names
+    for name in names:
+        model = PRESET_MODELS[name.split("_")[0].split(".")[0]]
         load_config(model, os.path.join(configs, name))
 
 
@@ -79,7 +85,7 @@ def test_every_subcommand_has_help(job, capsys):
 
 @pytest.mark.parametrize("job", sorted(JOB_HELP))
 def test_job_scripts_have_the_same_options(job):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "jobs", f"{job}.py"), "--help"],
+    out = subprocess.run([sys.executable, os.path.join(REPO, "jobs", f"{job.replace('-', '_')}.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--config", "--set", "--json"):
         assert flag in out

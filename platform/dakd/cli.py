@@ -31,6 +31,14 @@ def _runner(job: str) -> Callable:
         from dakd.pipeline import run_pipeline
 
         return run_pipeline
+    if job == "train-jointnet":
+        from dakd.train.jointnet import run_train_jointnet
+
+        return run_train_jointnet
+    if job == "sample":
+        from dakd.sample import run_sample
+
+        return run_sample
     raise KeyError(job)
 
 
@@ -38,12 +46,16 @@ JOB_HELP = {
     "ingest": "read a data source (procedural, OSD, SOS, folder) into a Parquet shard set",
     "balance": "compute the balancing factor b of a shard set and record it in its manifest",
     "pipeline": "run every stage in order (ingest, balance, ...) under one output root",
+    "train-jointnet": "train the SAR-JointNet teacher (3 stages) on Ray Train, with checkpoints and resume",
+    "sample": "draw samples from a SAR-JointNet checkpoint into a PNG grid",
 }
 
 # Flags that are shorthands for --set (job -> flag -> config field).
 SHORTHANDS = {
     "ingest": {"overwrite": "overwrite", "on_error": "on_error", "output": "output"},
     "balance": {},
+    "train-jointnet": {"output": "output"},
+    "sample": {"output": "output"},
     "pipeline": {"overwrite": "overwrite", "on_error": "on_error", "output": "output"},
 }
 

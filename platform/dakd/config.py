@@ -101,10 +101,111 @@ class PipelineConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class TrackingConfig(Strict):
+    """MLflow: `uri` or MLFLOW_TRACKING_URI, else a local sqlite store under the job's output."""
+
+    uri: str | None = None
+    experiment: str = "dakd"
+    enabled: bool = True
+
+
+class JointNetModelConfig(Strict):
+    """SAR-JointNet U-Nets (both branches share the layout). Defaults: paper scale (GPU);
+    `jobs/configs/*tiny*.yaml` shrink it for CPUs."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [128, 128, 256, 256, 512, 512])
+    layers_per_block: int = Field(2, ge=1)
+    attention_levels: list[int] = Field(default_factory=lambda: [4])
+    norm_num_groups: int = Field(32, ge=1)
+    attention_head_dim: int = Field(64, ge=1)
+
+
+class StageConfig(Strict):
+    """One training stage: optimizer steps and AdamW learning rate."""
+
+    iterations: int = Field(ge=0)
+    lr: float = Field(gt=0)
+
+
+class JointNetStages(Strict):
+    """PAPER.md: 50K / 150K (SOS; OSD 250K) / 50K (SOS; OSD 100K) iterations; lr 1e-4, 1e-4, 1e-5."""
+
+    stage1: StageConfig = Field(default_factory=lambda: StageConfig(iterations=50_000, lr=1e-4))
+    stage2: StageConfig = Field(default_factory=lambda: StageConfig(iterations=150_000, lr=1e-4))
+    stage3: StageConfig = Field(default_factory=lambda: StageConfig(iterations=50_000, lr=1e-5))
+
+
+class TrainJointNetConfig(Strict):
+    """`dakd train-jointnet`: SAR-JointNet in three stages on Ray Train (DDP)."""
+
+    shards: str = "runs/demo/real"
+    output: str = "runs/demo/jointnet"
+    run_name: str = "jointnet"
+    run_stages: list[Literal[1, 2, 3]] = Field(default_factory=lambda: [1, 2, 3])
+    init_checkpoint: str | None = None
+    model: JointNetModelConfig = Field(default_factory=JointNetModelConfig)
+    stages: JointNetStages = Field(default_factory=JointNetStages)
+    num_train_timesteps: int = Field(1000, ge=2)
+    label_loss: Literal["ce", "mse"] = "ce"
+    b: float | None = Field(None, gt=0, allow_inf_nan=False, description="None: read from the shard manifest")
+    crop_size: int = Field(256, ge=8)
+    batch_size_per_worker: int = Field(16, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    cache_dataset: bool = Field(True, description="keep decoded shards in Ray's object store between epochs")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema: bool = True
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(50, ge=1)
+    sample_every: int = Field(5000, ge=1)
+    sample_count: int = Field(4, ge=1)
+    sample_steps: int = Field(50, ge=1)
+    seed: int = 0
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.global_batch_size is not None and self.global_batch_size % self.num_workers:
+            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of "
+                             f"num_workers {self.num_workers}")
+        if sorted(set(self.run_stages)) != list(self.run_stages):
+            raise ValueError(f"run_stages {self.run_stages}: expected increasing stage numbers, e.g. [1, 2, 3] or [2]")
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        if self.global_batch_size is not None:
+            return self.global_batch_size // self.num_workers
+        return self.batch_size_per_worker
+
+
+class SampleConfig(Strict):
+    """`dakd sample`: N samples from a SAR-JointNet checkpoint to a PNG grid."""
+
+    checkpoint: str = "runs/demo/jointnet/latest"
+    output: str = "runs/demo/samples.png"
+    count: int = Field(8, ge=1)
+    sampler: Literal["ddim", "dpmsolver++"] = "ddim"
+    steps: int = Field(200, ge=1)
+    size: int | None = Field(None, ge=8, description="None: the training crop size")
+    seed: int = 0
+    ema: bool = True
+
+
 JOB_CONFIGS: dict[str, type[Strict]] = {
     "ingest": IngestConfig,
     "balance": BalanceConfig,
     "pipeline": PipelineConfig,
+    "train-jointnet": TrainJointNetConfig,
+    "sample": SampleConfig,
 }
 
 

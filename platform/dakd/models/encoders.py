@@ -1,0 +1,309 @@
+"""Encoder registry: MambaVision (the `mambavision` package) and any timm model.
+
+`build_encoder(name, in_chans, pretrained)` returns an `Encoder`: an nn.Module whose
+forward maps (B, in_chans, H, W) to four feature maps at strides 4, 8, 16, 32 (H and W
+multiples of 32), described by `channels` and `reductions` (as timm's `feature_info`).
+
+Names
+- "mambavision_t", "mambavision_t2", "mambavision_s", "mambavision_b", "mambavision_l",
+  "mambavision_l2", and the package's other variants ("mambavision_b_21k", ...): the
+  package's `mamba_vision_<VARIANT>` model (its own defaults: depths, widths, drop-path
+  rate). The four outputs are the stage outputs *before* each downsample, each through a
+  new per-stage LayerNorm over channels (`stage_norms`, random init: they are not in the
+  classification checkpoints). The classification `norm` and `head` are dropped.
+  MambaVision is under NVIDIA's non-commercial source licence.
+- anything else: a timm model, `features_only=True` with the `out_indices` whose
+  reductions are 4, 8, 16, 32 (e.g. resnet18/resnet34: out_indices (1, 2, 3, 4)); a
+  model without all four strides is refused with a ConfigError.
+
+Single-channel SAR input (in_chans=1): the first conv is built with `in_chans` input
+channels. Pretrained RGB weights are adapted with timm's `adapt_input_conv`: for 1
+channel the RGB kernels are summed into one (what timm's `in_chans=1` does), so a grey
+image x gives the response the RGB model gave to (x, x, x).
+
+Pretrained weights (`pretrained`: a local path, file:// or s3:// URI; None = random init):
+- `.safetensors` files are read with safetensors; anything else with
+  `torch.load(weights_only=True)` (no arbitrary unpickling). A dict with a "state_dict",
+  "model" or "state_dict_ema" entry is unwrapped; a "module." prefix is stripped.
+- MambaVision: the package's `.pth.tar` checkpoints ("state_dict" key) or this
+  encoder's own state dict. `levels.<i>.downsample.*` is mapped to `downsamples.<i>.*`;
+  `head.*` and the classifier `norm.*` are ignored; `stage_norms.*` may be absent.
+- timm: the timm model's own checkpoint (e.g. a `model.safetensors` of the timm model;
+  classifier weights are ignored), or this encoder's own state dict.
+- A missing file raises ConfigError naming it; weights that do not fit (missing or
+  unexpected keys, wrong shapes) raise ConfigError listing them.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from dakd.errors import ConfigError
+
+__all__ = ["Encoder", "MambaVisionEncoder", "TimmEncoder", "build_encoder", "mambavision_names",
+           "read_state_dict", "REDUCTIONS"]
+
+REDUCTIONS = (4, 8, 16, 32)
+_MV_PREFIX = "mambavision_"
+
+
+class Encoder(nn.Module):
+    """Base: forward(x) -> [f4, f8, f16, f32]; `channels` and `reductions` describe them."""
+
+    channels: tuple[int, int, int, int]
+    reductions: tuple[int, int, int, int] = REDUCTIONS
+    name: str
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """Read a state dict from a path/URI without unpickling arbitrary objects."""
+    from dakd import storage
+    from dakd.errors import StorageError
+
+    try:
+        found = storage.exists(uri)
+    except StorageError as exc:
+        raise ConfigError(f"pretrained weights {uri}: {exc}") from exc
+    if not found:
+        raise ConfigError(f"pretrained weights not found: {uri}")
+    try:
+        data = storage.read_bytes(uri)
+    except StorageError as exc:
+        raise ConfigError(f"pretrained weights {uri}: {exc}") from exc
+    try:
+        if str(uri).endswith(".safetensors"):
+            from safetensors.torch import load as st_load
+
+            obj = st_load(data)
+        else:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickle holding more than tensors
+        raise ConfigError(f"pretrained weights {uri}: cannot be read as safetensors or as a "
+                          f"weights-only torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"pretrained weights {uri}: expected a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _fit_error(uri: str, missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str]) -> ConfigError:
+    def few(keys):
+        keys = list(keys)
+        return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {few(shapes)}")
+    return ConfigError(f"pretrained weights {uri} do not fit the encoder: " + "; ".join(parts))
+
+
+def _load_checked(module: nn.Module, sd: dict[str, torch.Tensor], uri: str, *, allow_missing=()) -> None:
+    """load_state_dict that raises ConfigError naming missing/unexpected/mis-shaped keys.
+
+    `allow_missing`: key prefixes that may be absent (they keep their initialisation).
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+              if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise _fit_error(uri, missing, unexpected, shapes)
+    module.load_state_dict(sd, strict=False)
+
+
+def _adapt_first_conv(sd: dict[str, torch.Tensor], key: str, in_chans: int) -> None:
+    """Adapt an RGB (or other) first-conv weight to `in_chans` input channels, in place."""
+    w = sd.get(key)
+    if w is None or w.dim() != 4 or w.shape[1] == in_chans:
+        return
+    from timm.models import adapt_input_conv
+
+    sd[key] = adapt_input_conv(in_chans, w, base_chans=w.shape[1])
+
+
+# --------------------------------------------------------------------------- MambaVision
+
+
+def _mambavision_module():
+    """Import mambavision's model module, providing the selective scan first."""
+    from dakd.models.selective_scan import install_mamba_ssm_shim
+
+    install_mamba_ssm_shim()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # mambavision imports timm's deprecated paths
+        import mambavision.models.mamba_vision as mv
+    return mv
+
+
+def mambavision_names() -> list[str]:
+    """Encoder names of the installed mambavision package's variants ([] if not installed)."""
+    try:
+        mv = _mambavision_module()
+    except ImportError:
+        return []
+    return sorted(_MV_PREFIX + n[len("mamba_vision_"):].lower() for n in dir(mv)
+                  if n.startswith("mamba_vision_") and callable(getattr(mv, n)))
+
+
+class MambaVisionEncoder(Encoder):
+    """MambaVision stages as a 4-level feature pyramid (outputs before each downsample)."""
+
+    _FIRST_CONV = "patch_embed.conv_down.0.weight"
+
+    def __init__(self, name: str, in_chans: int, pretrained: str | None):
+        super().__init__()
+        mv = _mambavision_module()
+        variant = name[len(_MV_PREFIX):]
+        factory = {n[len("mamba_vision_"):].lower(): getattr(mv, n) for n in dir(mv) if n.startswith("mamba_vision_")}
+        if variant not in factory:
+            raise ConfigError(f"unknown encoder {name!r}; MambaVision names: {', '.join(mambavision_names())}")
+        model = factory[variant](pretrained=False, in_chans=in_chans, num_classes=0)
+        self.name = name
+        self.patch_embed = model.patch_embed
+        self.levels = model.levels
+        self.downsamples = nn.ModuleList()
+        for level in self.levels:  # run the downsample ourselves, after taking the stage output
+            self.downsamples.append(level.downsample if level.downsample is not None else nn.Identity())
+            level.downsample = None
+        dims = [int(level.blocks[0].conv1.in_channels) if level.conv else int(level.blocks[0].norm1.normalized_shape[0])
+                for level in self.levels]
+        from timm.layers import LayerNorm2d
+
+        self.stage_norms = nn.ModuleList(LayerNorm2d(d) for d in dims)
+        self.channels = tuple(dims)
+        self.reductions = REDUCTIONS
+        if pretrained is not None:
+            self.load_pretrained(pretrained, in_chans)
+
+    def load_pretrained(self, uri: str, in_chans: int) -> None:
+        sd = read_state_dict(uri)
+        if sd and all(k.startswith("model.") for k in sd):  # Hugging Face transformers layout
+            sd = {k[len("model."):]: v for k, v in sd.items()}
+        mapped = {}
+        for k, v in sd.items():
+            m = re.match(r"levels\.(\d+)\.downsample\.(.*)", k)
+            if m:
+                k = f"downsamples.{m.group(1)}.{m.group(2)}"
+            if k.startswith(("head.", "norm.")):  # classifier head and its final BatchNorm
+                continue
+            mapped[k] = v
+        _adapt_first_conv(mapped, self._FIRST_CONV, in_chans)
+        _load_checked(self, mapped, uri, allow_missing=("stage_norms.",))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)
+        feats = []
+        for level, down, norm in zip(self.levels, self.downsamples, self.stage_norms):
+            x = level(x)
+            feats.append(norm(x))
+            x = down(x)
+        return feats
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_feature_indices(name: str) -> list[int]:
+    """timm out_indices whose reductions are 4, 8, 16, 32 (the last index of each stride)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+    except Exception:  # some models cannot be built on the meta device
+        probe = timm.create_model(name, pretrained=False, features_only=True)
+    by_stride = {}
+    for idx, red in zip(probe.feature_info.out_indices, probe.feature_info.reduction()):
+        by_stride[int(red)] = idx
+    if not all(r in by_stride for r in REDUCTIONS):
+        raise ConfigError(f"timm encoder {name!r} has feature strides {sorted(by_stride)}; "
+                          f"SAROSS-Net needs {list(REDUCTIONS)}")
+    return [by_stride[r] for r in REDUCTIONS]
+
+
+class TimmEncoder(Encoder):
+    """Any timm model with features at strides 4..32 (`features_only=True`)."""
+
+    def __init__(self, name: str, in_chans: int, pretrained: str | None):
+        super().__init__()
+        import timm
+
+        self.name = name
+        self.out_indices = tuple(_timm_feature_indices(name))
+        self.in_chans = in_chans
+        self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=self.out_indices,
+                                       in_chans=in_chans)
+        self.channels = tuple(int(c) for c in self.model.feature_info.channels())
+        self.reductions = tuple(int(r) for r in self.model.feature_info.reduction())
+        if self.reductions != REDUCTIONS:
+            raise ConfigError(f"timm encoder {name!r}: selected reductions {self.reductions}, expected {REDUCTIONS}")
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, uri: str) -> None:
+        import timm
+
+        sd = read_state_dict(uri)
+        own = self.state_dict()
+        if set(sd) == set(own) or (sd and all(k.startswith("model.") for k in sd)):
+            _load_checked(self, sd, uri)  # this encoder's own state dict (keys "model.*")
+            return
+        if set("model." + k for k in sd) == set(own):  # the bare features model's state dict
+            _load_checked(self.model, sd, uri)
+            return
+        # A checkpoint of the timm classification model: check it against the full model
+        # (classifier dropped, first conv adapted), then let timm map it into the features
+        # model exactly as timm's own pretrained loading does.
+        full = timm.create_model(self.name, pretrained=False, in_chans=self.in_chans)
+        cfg = full.pretrained_cfg or {}
+        classifiers = cfg.get("classifier") or ()
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in classifiers)}
+        first = cfg.get("first_conv")
+        for conv in ((first,) if isinstance(first, str) else tuple(first or ())):
+            _adapt_first_conv(sd, conv + ".weight", self.in_chans)
+        _load_checked(full, sd, uri, allow_missing=tuple(c + "." for c in classifiers))
+        self.model = timm.create_model(self.name, pretrained=True, features_only=True, out_indices=self.out_indices,
+                                       in_chans=self.in_chans, pretrained_cfg_overlay={"state_dict": sd})
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(x))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def build_encoder(name: str, in_chans: int, pretrained: str | None) -> Encoder:
+    """Build an encoder by name (see the module docstring). Unknown names raise ConfigError."""
+    key = name.strip()
+    if key.lower().startswith(_MV_PREFIX):
+        return MambaVisionEncoder(key.lower(), in_chans=in_chans, pretrained=pretrained)
+    import timm
+
+    if not timm.is_model(key) or key.startswith("mamba_vision_"):
+        mv = mambavision_names()
+        raise ConfigError(f"unknown encoder {name!r}; valid names: "
+                          + (", ".join(mv) + ", " if mv else "(mambavision not installed), ")
+                          + "or any timm model name with features at strides 4, 8, 16, 32 "
+                          "(e.g. resnet18, resnet34, convnext_tiny)")
+    return TimmEncoder(key, in_chans=in_chans, pretrained=pretrained)

@@ -1,0 +1,144 @@
+"""MLflow helpers: one place that opens runs, logs params/metrics/images, and checks the
+tracking server before any compute. Only rank 0 of a training job calls these.
+
+The tracking URI comes from config (`tracking.uri`), else MLFLOW_TRACKING_URI, else a
+local sqlite store under the job's output (the embedded default).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import numpy as np
+
+from dakd.errors import DakdError
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(DakdError):
+    """The MLflow tracking server cannot be reached or refused a request."""
+
+
+def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if "://" in default_dir and not default_dir.startswith("file://"):
+        raise TrackingError(
+            f"no MLflow tracking URI configured and {default_dir} is not local: set tracking.uri or MLFLOW_TRACKING_URI")
+    path = os.path.abspath(default_dir.removeprefix("file://"))
+    os.makedirs(path, exist_ok=True)
+    return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast (before any compute) when the tracking server does not answer."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types here
+        raise TrackingError(f"MLflow tracking at {uri} is not reachable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config -> {'a.b.c': value} for MLflow params (values stringified, 500 chars max)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_grid(images: np.ndarray, masks: np.ndarray, colorize) -> np.ndarray:
+    """Rows of [image | coloured mask]: images (N, H, W) uint8, masks (N, H, W) -> (N*H, 2*W, 3) uint8."""
+    rows = []
+    for img, msk in zip(images, masks):
+        rows.append(np.concatenate([np.repeat(img[..., None], 3, axis=-1), colorize(msk)], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, params: dict,
+                        tags: dict | None = None, parent_run_id: str | None = None) -> str:
+    """The MLflow run of `run_key` (e.g. a training run's storage URI): resumed if one exists,
+    else created with the flattened config as params. Returns its run id."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`dakd.run_key` = '{run_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {"dakd.run_key": run_key, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    flat = flatten(params)
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Logs metrics and images to one MLflow run; a failed call is counted, not raised, so
+    a tracking outage mid-run never stops training (the count is reported at the end)."""
+
+    def __init__(self, uri: str, run_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+        self.failures = 0
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure is counted, training goes on
+            self.failures += 1
+            log.warning("MLflow call %s failed (%s); %d not logged so far", fn.__name__, type(exc).__name__, self.failures)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        ts = int(_time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        self._call(self.client.log_batch, self.run_id, metrics=items)
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        self._call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._call(self.client.log_dict, self.run_id, data, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call(self.client.set_terminated, self.run_id, status=status)

@@ -1,0 +1,36 @@
+"""Exponential moving average of model weights, kept by parameter name (so it saves as
+safetensors next to the model). Warm-up as in diffusers' EMAModel:
+decay_t = min(decay, (1 + t) / (10 + t))."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.steps = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Restart the average at the model's current weights (e.g. when a stage re-initialises a branch)."""
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
+            else:
+                self.shadow[k].copy_(v)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict, steps: int) -> None:
+        self.shadow = {k: v.clone().float() for k, v in state.items()}
+        self.steps = int(steps)

@@ -1,0 +1,155 @@
+"""SAR-JointNet on a real local Ray cluster: three stages with 2 DDP workers (gloo),
+resume after an interruption inside stage 2, checkpoints on file:// and s3://, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dakd import storage
+from dakd.cli import main
+from dakd.config import (BalanceConfig, IngestConfig, ProceduralSource, SourceConfig, TrainJointNetConfig,
+                         load_config)
+from dakd.data.balance import run_balance
+from dakd.data.ingest import run_ingest
+from dakd.errors import ConfigError
+from dakd.train import checkpoint as ckpt_io
+from dakd.train.jointnet import TrainingError, load_teacher, run_train_jointnet
+
+TINY = [
+    "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
+    "model.norm_num_groups=4", "model.attention_head_dim=4",
+    "stages.stage1={iterations: 6, lr: 0.003}", "stages.stage2={iterations: 8, lr: 0.003}",
+    "stages.stage3={iterations: 6, lr: 0.001}",
+    "num_train_timesteps=100", "crop_size=32", "batch_size_per_worker=4", "num_workers=2",
+    "checkpoint_every=4", "log_every=2", "sample_every=10", "sample_count=2", "sample_steps=3",
+    "ema_decay=0.9", "max_failures=0",
+]
+
+
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory, ray_local):
+    out = str(tmp_path_factory.mktemp("real") / "real")
+    source = SourceConfig(kind="procedural", procedural=ProceduralSource(splits={"train": 16}, height=32, width=32, seed=5))
+    run_ingest(IngestConfig(source=source, output=out, rows_per_file=8))
+    run_balance(BalanceConfig(shards=out))
+    return out
+
+
+def tiny_config(shards: str, output: str, *extra: str) -> TrainJointNetConfig:
+    return load_config(TrainJointNetConfig, None, [f"shards={shards}", f"output={output}", *TINY, *extra])
+
+
+def test_three_stages_resume_inside_stage_two(real_shards, tmp_path, monkeypatch, mlflow_server):
+    cfg = tiny_config(real_shards, str(tmp_path / "runs"), f"tracking.uri={mlflow_server}")
+    monkeypatch.setenv("DAKD_FAIL_AT_STEP", "12")  # stage 2 spans steps 6..14
+    with pytest.raises(Exception):
+        run_train_jointnet(cfg)
+    monkeypatch.delenv("DAKD_FAIL_AT_STEP")
+    summary = run_train_jointnet(cfg)  # same run name: resumes
+
+    assert summary["steps"] == 20 and summary["stages_completed"] == [1, 2, 3]
+    state = ckpt_io.read_state(summary["checkpoint"])
+    assert state["attempt_start_step"] == 12  # continued from the saved step, not from 0
+    assert state["label_initialised"] and state["b"] == pytest.approx(summary["b"])
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["num_workers"] == "2" and run.data.params["stages.stage2.iterations"] == "8"
+    history = client.get_metric_history(run.info.run_id, "train/loss_y")
+    steps = [m.step for m in history]
+    assert min(steps) <= 8 and max(steps) == 20  # logged before and after the interruption, one run
+    first, last = history[0].value, history[-1].value
+    assert last < first  # Label-Net learns the procedural classes
+    loss_x = client.get_metric_history(run.info.run_id, "train/loss_x")
+    assert loss_x[-1].value < loss_x[0].value
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert artifacts, "a sample grid is logged"
+
+    model, teacher_state = load_teacher(str(tmp_path / "runs" / "jointnet"))
+    assert teacher_state["location"] == summary["checkpoint"] and model.num_classes == 5
+
+
+def test_checkpoint_round_trip_file_and_s3(tmp_path, s3_uri):
+    weights = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    local = tmp_path / "ck"
+    ckpt_io.save_checkpoint(str(local), weights, {"step": 7, "kind": "x"}, ema_state=weights, optimizer_state=opt)
+    # Upload the directory as files to S3 and read both back through storage URIs.
+    for f in local.iterdir():
+        storage.write_bytes(storage.join_uri(s3_uri, "ck", f.name), f.read_bytes())
+    for where in (str(local), storage.join_uri(s3_uri, "ck")):
+        got = ckpt_io.load_weights(where)
+        assert set(got) == set(weights) and all(torch.equal(got[k], weights[k]) for k in weights)
+        assert ckpt_io.read_state(where)["step"] == 7
+        o = ckpt_io.load_optimizer_state(where)
+        assert torch.equal(o["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
+
+
+def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
+    cfg = tiny_config(real_shards, s3_uri + "/runs", "run_stages=[1]", "stages.stage1={iterations: 4, lr: 0.003}",
+                      "tracking.enabled=false")
+    summary = run_train_jointnet(cfg)
+    assert summary["checkpoint"].startswith(s3_uri) and summary["steps"] == 4
+    assert ckpt_io.read_state(summary["checkpoint"])["stages_completed"] == [1]
+    assert json.loads(storage.read_text(storage.join_uri(s3_uri, "runs", "jointnet", "latest.json")))["step"] == 4
+
+
+def test_bad_input_is_refused_before_training(real_shards, tmp_path):
+    out = str(tmp_path / "bad")
+    # stage 2 without stage 1's checkpoint
+    with pytest.raises(ConfigError, match="init_checkpoint"):
+        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[2, 3]", "tracking.enabled=false"))
+    # b missing from the manifest and not configured
+    nob = str(tmp_path / "nob")
+    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 4}, height=32, width=32)), output=nob))
+    with pytest.raises(ConfigError, match="balance"):
+        run_train_jointnet(tiny_config(nob, out, "tracking.enabled=false"))
+    # a checkpoint of another architecture
+    first = run_train_jointnet(tiny_config(real_shards, out, "run_stages=[1]", "stages.stage1={iterations: 2, lr: 0.001}",
+                                           "tracking.enabled=false"))
+    with pytest.raises(ConfigError, match="block_out_channels"):
+        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[2]", f"init_checkpoint={first['checkpoint']}",
+                                       "model.block_out_channels=[8, 24]", "run_name=other", "tracking.enabled=false"))
+    # a checkpoint that has not completed the stages before the one asked for
+    with pytest.raises(ConfigError, match="stages \\[1, 2\\]"):
+        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[3]", f"init_checkpoint={first['checkpoint']}",
+                                       "run_name=other", "tracking.enabled=false"))
+
+
+def test_nonfinite_loss_stops_and_names_the_step(real_shards, tmp_path):
+    cfg = tiny_config(real_shards, str(tmp_path / "nan"), "run_stages=[1]", "stages.stage1={iterations: 40, lr: 1.0e+30}",
+                      "grad_clip=1.0e+30", "checkpoint_every=1", "tracking.enabled=false")
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step \d+") as err:
+        run_train_jointnet(cfg)
+    bad_step = int(str(err.value).split("at step ")[1].split()[0])
+    run_dir = tmp_path / "nan" / "jointnet"
+    assert not (run_dir / "latest.json").exists()  # no "final" pointer
+    # Every checkpoint kept is from before the bad step and holds finite weights.
+    kept = list(run_dir.glob("checkpoint_*/state.json"))
+    assert kept or bad_step == 1
+    for state_file in kept:
+        assert json.loads(state_file.read_text())["step"] < bad_step
+        weights = ckpt_io.load_weights(str(state_file.parent))
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_cli_sample_grid(real_shards, tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    assert main(["train-jointnet", "--output", out, *sum([["--set", s] for s in TINY], []), "--set", f"shards={real_shards}",
+                 "--set", "run_stages=[1, 2]", "--set", "stages.stage2={iterations: 2, lr: 0.001}",
+                 "--set", "tracking.enabled=false", "--json"]) == 0
+    capsys.readouterr()
+    png = str(tmp_path / "grid.png")
+    assert main(["sample", "--set", f"checkpoint={out}/jointnet", "--output", png, "--set", "count=3",
+                 "--set", "steps=4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["nfe"] == 4
+    from PIL import Image
+
+    img = Image.open(png)
+    assert img.size == (64, 96)  # 3 rows of [image | mask], 32 px each
