@@ -8,6 +8,7 @@ cluster named by RAY_ADDRESS (or ray.address in config) or start a local one.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -17,29 +18,21 @@ from dakd.config import JOB_CONFIGS, load_config
 from dakd.errors import DakdError
 
 
+# job -> "module:function" that runs it (imported lazily so --help stays fast)
+RUNNERS = {
+    "ingest": "dakd.data.ingest:run_ingest",
+    "balance": "dakd.data.balance:run_balance",
+    "pipeline": "dakd.pipeline:run_pipeline",
+    "train-jointnet": "dakd.train.jointnet:run_train_jointnet",
+    "sample": "dakd.sample:run_sample",
+    "synthesize": "dakd.synth.synthesize:run_synthesize",
+    "evaluate-synthesis": "dakd.synth.evaluate:run_evaluate_synthesis",
+}
+
+
 def _runner(job: str) -> Callable:
-    """The function that runs `job` (imported lazily so --help stays fast)."""
-    if job == "ingest":
-        from dakd.data.ingest import run_ingest
-
-        return run_ingest
-    if job == "balance":
-        from dakd.data.balance import run_balance
-
-        return run_balance
-    if job == "pipeline":
-        from dakd.pipeline import run_pipeline
-
-        return run_pipeline
-    if job == "train-jointnet":
-        from dakd.train.jointnet import run_train_jointnet
-
-        return run_train_jointnet
-    if job == "sample":
-        from dakd.sample import run_sample
-
-        return run_sample
-    raise KeyError(job)
+    module, function = RUNNERS[job].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 JOB_HELP = {
@@ -48,16 +41,16 @@ JOB_HELP = {
     "pipeline": "run every stage in order (ingest, balance, ...) under one output root",
     "train-jointnet": "train the SAR-JointNet teacher (3 stages) on Ray Train, with checkpoints and resume",
     "sample": "draw samples from a SAR-JointNet checkpoint into a PNG grid",
+    "synthesize": "sample N (image, logits) pairs from a teacher across Ray Data actors into a synthetic shard set",
+    "evaluate-synthesis": "FID and Inception Score of a synthetic shard set against a real one",
 }
 
-# Flags that are shorthands for --set (job -> flag -> config field).
-SHORTHANDS = {
-    "ingest": {"overwrite": "overwrite", "on_error": "on_error", "output": "output"},
-    "balance": {},
-    "train-jointnet": {"output": "output"},
-    "sample": {"output": "output"},
-    "pipeline": {"overwrite": "overwrite", "on_error": "on_error", "output": "output"},
-}
+# Flags that are shorthands for --set, offered by every job whose config has the field.
+SHORTHAND_FIELDS = ("output", "overwrite", "on_error")
+
+
+def shorthands(job: str) -> list[str]:
+    return [f for f in SHORTHAND_FIELDS if f in JOB_CONFIGS[job].model_fields]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,20 +68,20 @@ def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
                    help="override a config field by dotted path, e.g. --set source.kind=sos (repeatable)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    shorthands = SHORTHANDS[job]
-    if "output" in shorthands:
+    fields = shorthands(job)
+    if "output" in fields:
         p.add_argument("--output", metavar="URI", help="output location (path, file:// or s3://)")
-    if "overwrite" in shorthands:
+    if "overwrite" in fields:
         p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
-    if "on_error" in shorthands:
+    if "on_error" in fields:
         p.add_argument("--on-error", dest="on_error", choices=["fail", "skip"],
                        help="fail on the first bad pair (default) or skip bad pairs and list them in the manifest")
 
 
 def run_job(job: str, args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
-    for flag, field in SHORTHANDS[job].items():
-        value = getattr(args, flag, None)
+    for field in shorthands(job):
+        value = getattr(args, field, None)
         if value is not None:
             overrides.append(f"{field}={json.dumps(value)}")
     cfg = load_config(JOB_CONFIGS[job], args.config, overrides)

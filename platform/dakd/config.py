@@ -200,12 +200,74 @@ class SampleConfig(Strict):
     ema: bool = True
 
 
+# ---------------------------------------------------------------- synthesis (issue: synthesis at scale)
+class SynthesizeConfig(Strict):
+    """`dakd synthesize`: DDIM samples of a SAR-JointNet teacher -> a synthetic shard set."""
+
+    teacher: str = "runs/demo/jointnet/jointnet"
+    output: str = "runs/demo/synthetic"
+    count: int = Field(4480, ge=1, description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS)")
+    sampler: Literal["ddim", "dpmsolver++"] = "ddim"
+    steps: int = Field(200, ge=1)
+    seed: int = 0
+    ema: bool = True
+    rows_per_file: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    actors_min: int = Field(1, ge=1)
+    actors_max: int = Field(2, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    overwrite: bool = False
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class EvaluateSynthesisConfig(Strict):
+    """`dakd evaluate-synthesis`: FID and Inception Score of a synthetic shard set against a real one."""
+
+    synthetic: str = "runs/demo/synthetic"
+    real: str = "runs/demo/real"
+    real_split: str = "train"
+    features: Literal["inception", "pixels"] = "inception"
+    inception_weights: str | None = None
+    batch_size: int = Field(32, ge=1)
+    max_samples: int | None = Field(None, ge=2)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------- student (issue: SAROSS-Net)
+class SarossModelConfig(Strict):
+    """SAROSS-Net: encoder + UNet++ decoder with CAFT. Paper: MambaVision-B (non-commercial
+    licence); resnet34 is the unencumbered ablation encoder."""
+
+    encoder: str = "mambavision_b"
+    pretrained: str | None = None
+    decoder_channels: list[int] = Field(default_factory=lambda: [64, 128, 256])
+    skip_module: Literal["caft", "conv3x3", "none"] = "caft"
+    caft_heads: int = Field(4, ge=1)
+
+
+class SarossLossConfig(Strict):
+    """L = λ_ce·CE + λ_dice·Dice + λ_kd·KD (Eq. 10); T: KD temperature (not given by the paper)."""
+
+    mode: Literal["real-only", "hard", "soft"] = "soft"
+    lambda_ce: float = Field(1.0, ge=0)
+    lambda_dice: float = Field(0.5, ge=0)
+    lambda_kd: float = Field(0.1, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    dice_eps: float = Field(1.0, ge=0)
+
+
 JOB_CONFIGS: dict[str, type[Strict]] = {
     "ingest": IngestConfig,
     "balance": BalanceConfig,
     "pipeline": PipelineConfig,
     "train-jointnet": TrainJointNetConfig,
     "sample": SampleConfig,
+    "synthesize": SynthesizeConfig,
+    "evaluate-synthesis": EvaluateSynthesisConfig,
 }
 
 

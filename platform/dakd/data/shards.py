@@ -44,6 +44,23 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
+# Synthetic shard sets (`dakd synthesize`): the real columns (split "train", source
+# "synthetic", image = denormalize_image(x0), mask = argmax of the logits) plus these.
+SYNTH_FIELDS = [
+    ("index", pa.int64()),  # sample id as an integer, 0..N-1 (`id` is its decimal string)
+    ("seed", pa.int64()),  # dakd.seeds.sample_seed(run seed, index)
+    ("logits", pa.binary()),  # C×H×W float16 bytes: the teacher's soft label
+    ("num_classes", pa.int32()),
+    ("teacher_checkpoint", pa.string()),
+    ("teacher_hash", pa.string()),  # sha256 of the teacher weights used
+    ("b", pa.float64()),
+    ("sampler", pa.string()),
+    ("steps", pa.int32()),
+    ("code_version", pa.string()),
+]
+SYNTH_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field(n, t) for n, t in SYNTH_FIELDS])
+
+
 def shard_name(split: str, index: int) -> str:
     """Deterministic relative object name of shard `index` of `split`."""
     return f"data/{split}/part-{index:05d}.parquet"
