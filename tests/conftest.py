@@ -73,7 +73,7 @@ def ray_local(s3_server):
     """A real local Ray (one node, 8 logical CPUs on 127.0.0.1), shared by the session."""
     import ray
 
-    ray.init(num_cpus=8, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+    ray.init(address="local", num_cpus=8, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

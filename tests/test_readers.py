@@ -31,7 +31,8 @@ from fixtures_data import (
     write_sos_pair,
 )
 
-SOS_SAMPLE = Path("/work/shared/reference/sos-sample")
+# ../shared beside the checkout (as CI lays it out) holds the genuine SOS pairs.
+SOS_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sos-sample"
 SOS_SIZE = (256, 256)  # PAPER.md: SOS tiles are 256x256
 H, W = 32, 48
 

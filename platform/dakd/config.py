@@ -90,23 +90,13 @@ class BalanceConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-class PipelineConfig(Strict):
-    """`dakd pipeline`: every stage in order under one output root."""
-
-    output: str = "runs/demo"
-    source: SourceConfig = Field(default_factory=SourceConfig)
-    rows_per_file: int = Field(256, ge=1)
-    on_error: Literal["fail", "skip"] = "fail"
-    overwrite: bool = False
-    ray: RayConfig = Field(default_factory=RayConfig)
-
-
 class TrackingConfig(Strict):
     """MLflow: `uri` or MLFLOW_TRACKING_URI, else a local sqlite store under the job's output."""
 
     uri: str | None = None
     experiment: str = "dakd"
     enabled: bool = True
+    parent_run_id: str | None = Field(None, description="nest this job's run under another (the pipeline sets it)")
 
 
 class JointNetModelConfig(Strict):
@@ -115,7 +105,7 @@ class JointNetModelConfig(Strict):
 
     block_out_channels: list[int] = Field(default_factory=lambda: [128, 128, 256, 256, 512, 512])
     layers_per_block: int = Field(2, ge=1)
-    attention_levels: list[int] = Field(default_factory=lambda: [4])
+    attention_levels: list[int] = Field(default_factory=lambda: [3, 4, 5])  # 32, 16, 8 px at 256 (ADM-256)
     norm_num_groups: int = Field(32, ge=1)
     attention_head_dim: int = Field(64, ge=1)
 
@@ -202,7 +192,11 @@ class SampleConfig(Strict):
 
 # ---------------------------------------------------------------- synthesis (issue: synthesis at scale)
 class SynthesizeConfig(Strict):
-    """`dakd synthesize`: DDIM samples of a SAR-JointNet teacher -> a synthetic shard set."""
+    """`dakd synthesize`: samples of a SAR-JointNet teacher -> a synthetic shard set.
+
+    Sample ids 0..count-1 are cut into ranges of `rows_per_file` ids (range k = ids
+    [k*R, (k+1)*R)); each range is one Parquet object written by one actor call.
+    """
 
     teacher: str = "runs/demo/jointnet/jointnet"
     output: str = "runs/demo/synthetic"
@@ -211,28 +205,53 @@ class SynthesizeConfig(Strict):
     steps: int = Field(200, ge=1)
     seed: int = 0
     ema: bool = True
+    size: int | None = Field(None, ge=8, description="None: the teacher's training crop size")
+    real: str | None = Field(None, description="a real shard set whose class count the teacher must match")
     rows_per_file: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
+    # exact: the teacher runs one sample per forward pass, so a stored sample is bit-identical
+    # whatever N, batch_size or actor; false: batch_size samples per forward (faster on GPUs,
+    # equal only to float rounding: rare pixels may differ by one grey level / class)
+    exact: bool = True
+    batch_size: int = Field(8, ge=1, description="samples per network forward when exact is false")
     actors_min: int = Field(1, ge=1)
     actors_max: int = Field(2, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    contact_sheet_count: int = Field(64, ge=0, description="first samples shown in contact_sheet.png")
     overwrite: bool = False
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _actors(self):
+        if self.actors_max < self.actors_min:
+            raise ValueError(f"actors_max {self.actors_max} must be >= actors_min {self.actors_min}")
+        return self
+
 
 class EvaluateSynthesisConfig(Strict):
-    """`dakd evaluate-synthesis`: FID and Inception Score of a synthetic shard set against a real one."""
+    """`dakd evaluate-synthesis`: FID and Inception Score of a synthetic shard set against a real one.
+
+    features: "inception" (InceptionV3 pool features, 2048-d, and its 1000-way softmax for
+    IS; weights from `inception_weights`), "pixels" (grey levels average-pooled to
+    pixels_size x pixels_size; no IS), or "package.module:function" (a callable
+    images uint8 (B, H, W) -> features (B, D), or (features, class probabilities (B, K))).
+    """
 
     synthetic: str = "runs/demo/synthetic"
+    synthetic_split: str = "train"
     real: str = "runs/demo/real"
     real_split: str = "train"
-    features: Literal["inception", "pixels"] = "inception"
-    inception_weights: str | None = None
+    features: str = Field("inception", pattern=r"^(inception|pixels|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+    inception_weights: str | None = Field(None, description="InceptionV3 weights file (torchvision layout; .safetensors or .pth)")
+    pixels_size: int = Field(8, ge=1)
+    is_splits: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    max_samples: int | None = Field(None, ge=2)
+    max_samples: int | None = Field(None, ge=2, description="first max_samples of each set (file order)")
+    actors: int = Field(2, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -260,6 +279,111 @@ class SarossLossConfig(Strict):
     dice_eps: float = Field(1.0, ge=0)
 
 
+class TrainSarossConfig(Strict):
+    """`dakd train-saross`: SAROSS-Net on real crops + synthetic 2x2 mosaics (DAKD) on Ray Train.
+    Paper: 200 epochs, batch 16, AdamW lr 5e-5, 512 crops (OSD; SOS 256)."""
+
+    shards: str = "runs/demo/real"
+    synthetic: str | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
+    output: str = "runs/demo/saross"
+    run_name: str = "saross"
+    model: SarossModelConfig = Field(default_factory=SarossModelConfig)
+    loss: SarossLossConfig = Field(default_factory=SarossLossConfig)
+    train_split: str = "train"
+    val_split: str = "test"
+    crop_size: int = Field(512, ge=32)
+    mosaic: bool = Field(True, description="synthetic tiles four at a time into 2x2 mosaics (else one tile per sample)")
+    synthetic_share: float = Field(0.5, ge=0.0, lt=1.0, description="expected share of synthetic samples per batch")
+    epochs: int = Field(200, ge=1)
+    batch_size_per_worker: int = Field(8, ge=1)
+    global_batch_size: int | None = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    cache_dataset: bool = True
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(20, ge=1)
+    overlay_count: int = Field(4, ge=0, description="validation images drawn as overlays each epoch")
+    register_name: str | None = Field(None, description="MLflow registered-model name for the best checkpoint")
+    seed: int = 0
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.global_batch_size is not None and self.global_batch_size % self.num_workers:
+            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of "
+                             f"num_workers {self.num_workers}")
+        if self.crop_size % 32:
+            raise ValueError(f"crop_size {self.crop_size}: must be a multiple of 32 (the encoder's deepest stride)")
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        if self.global_batch_size is not None:
+            return self.global_batch_size // self.num_workers
+        return self.batch_size_per_worker
+
+
+class EvaluateConfig(Strict):
+    """`dakd evaluate`: a SAROSS-Net checkpoint on a shard set's split at full resolution."""
+
+    checkpoint: str = "runs/demo/saross/saross"
+    shards: str = "runs/demo/real"
+    split: str = "test"
+    output: str = "runs/demo/eval"
+    name: str | None = Field(None, description="row name in the table (default: the checkpoint's run name)")
+    overlay_count: int = Field(4, ge=0)
+    batch_size: int = Field(1, ge=1)
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class PredictConfig(Strict):
+    """`dakd predict`: batch inference over a folder or bucket of images -> mask PNGs + class areas."""
+
+    model: str = Field("runs/demo/saross/saross", description="checkpoint URI, run dir, or models:/<name>/<version>")
+    input: str = "runs/demo/predict-in"
+    output: str = "runs/demo/predict"
+    pixel_size_m: float | None = Field(None, gt=0, description="ground size of a pixel (m); adds km² areas")
+    batch_size: int = Field(1, ge=1)
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    overwrite: bool = False
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="resolves models:/ URIs")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+PIPELINE_STAGES = ("ingest", "balance", "train-jointnet")
+
+
+class PipelineConfig(Strict):
+    """`dakd pipeline`: every stage in order under one output root. Each stage's section is
+    that job's own config; the pipeline sets its input/output locations (under `output`),
+    `ray` and `tracking`, so those fields in the sections are ignored."""
+
+    output: str = "runs/demo"
+    stages: list[Literal["ingest", "balance", "train-jointnet"]] = Field(default_factory=lambda: list(PIPELINE_STAGES))
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    rows_per_file: int = Field(256, ge=1)
+    on_error: Literal["fail", "skip"] = "fail"
+    overwrite: bool = False
+    jointnet: TrainJointNetConfig = Field(default_factory=TrainJointNetConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 JOB_CONFIGS: dict[str, type[Strict]] = {
     "ingest": IngestConfig,
     "balance": BalanceConfig,
@@ -268,6 +392,9 @@ JOB_CONFIGS: dict[str, type[Strict]] = {
     "sample": SampleConfig,
     "synthesize": SynthesizeConfig,
     "evaluate-synthesis": EvaluateSynthesisConfig,
+    "train-saross": TrainSarossConfig,
+    "evaluate": EvaluateConfig,
+    "predict": PredictConfig,
 }
 
 

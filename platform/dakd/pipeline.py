@@ -1,15 +1,17 @@
 """`dakd pipeline`: every stage in order under one output root, then a short report.
 
-Stages so far: ingest (source -> real shard set) and balance (b). Later stages
-(train-jointnet, synthesize, train-saross, evaluate) append here.
+Layout under `output`: `real/` (ingested shard set, with b in its manifest), `teacher/`
+(SAR-JointNet run: checkpoints + latest.json). A stage whose output already exists for
+the same config is skipped, so a re-submitted pipeline continues where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from dakd import storage
-from dakd.config import BalanceConfig, IngestConfig, PipelineConfig
+from dakd.config import BalanceConfig, IngestConfig, PipelineConfig, dump_config
 from dakd.data import shards
 from dakd.data.balance import run_balance
 from dakd.data.ingest import run_ingest
@@ -36,18 +38,83 @@ def report(shard_set: shards.ShardSet) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    real = real_shards_uri(cfg)
-    stages: dict[str, dict] = {}
+def _ingest(cfg: PipelineConfig, real: str) -> dict:
     existing = shards.read_manifest(real)
-    if existing is not None and not cfg.overwrite and existing.get("source") == cfg.source.model_dump(mode="json"):
+    if existing is not None and not cfg.overwrite and existing.get("source") == dump_config(cfg.source):
         log.info("ingest: %s already holds this source's shard set; skipped", real)
-        stages["ingest"] = {"skipped": True, "output": real}
-    else:
-        stages["ingest"] = run_ingest(
-            IngestConfig(source=cfg.source, output=real, rows_per_file=cfg.rows_per_file,
-                         on_error=cfg.on_error, overwrite=cfg.overwrite, ray=cfg.ray)
-        )
-    stages["balance"] = run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray))
-    print(report(shards.open_shard_set(real)), flush=True)
-    return {"job": "pipeline", "output": cfg.output, "stages": stages, "b": stages["balance"]["b"]}
+        return {"skipped": True, "output": real}
+    return run_ingest(IngestConfig(source=cfg.source, output=real, rows_per_file=cfg.rows_per_file,
+                                   on_error=cfg.on_error, overwrite=cfg.overwrite, ray=cfg.ray))
+
+
+def _same_job(a: dict, b: dict) -> bool:
+    """Two job configs ask for the same output (where it runs and is tracked aside)."""
+    drop = ("ray", "tracking")
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+def _tracked(uri: str | None, parent: str | None, cfg: PipelineConfig, stage: str, fn) -> dict:
+    """Run a stage that does not track itself inside a child MLflow run of the pipeline."""
+    if uri is None:
+        return fn()
+    from dakd import tracking
+
+    run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"{cfg.output}#{stage}", run_name=stage,
+                                          params={}, tags={"dakd.job": stage}, parent_run_id=parent)
+    try:
+        summary = fn()
+    except Exception:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    tracking.log_summary(uri, run_id, summary)
+    tracking.finish_run(uri, run_id)
+    return summary
+
+
+def _train_jointnet(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
+    from dakd.train.checkpoint import read_state
+    from dakd.train.jointnet import LATEST, run_train_jointnet
+
+    jcfg = cfg.jointnet.model_copy(update={"shards": real, "output": storage.join_uri(cfg.output, "teacher"),
+                                           "ray": cfg.ray, "tracking": tracking_cfg})
+    pointer = storage.join_uri(jcfg.output, jcfg.run_name, LATEST)
+    if storage.exists(pointer) and not cfg.overwrite:
+        ckpt = json.loads(storage.read_text(pointer))["checkpoint"]
+        if _same_job(read_state(ckpt)["config"], dump_config(jcfg)):
+            log.info("train-jointnet: %s already holds this config's teacher; skipped", ckpt)
+            return {"skipped": True, "checkpoint": ckpt}
+    return run_train_jointnet(jcfg)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Every configured stage in order; one MLflow parent run with a child run per stage."""
+    from dakd import tracking
+
+    real = real_shards_uri(cfg)
+    uri = parent = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
+        tracking.check_tracking(uri)  # before any compute
+        parent = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"{cfg.output}#pipeline",
+                                              run_name="pipeline", params=dump_config(cfg), tags={"dakd.job": "pipeline"})
+    child_tracking = cfg.tracking.model_copy(update={"uri": uri, "parent_run_id": parent})
+    stages: dict[str, dict] = {}
+    try:
+        if "ingest" in cfg.stages:
+            stages["ingest"] = _tracked(uri, parent, cfg, "ingest", lambda: _ingest(cfg, real))
+        if "balance" in cfg.stages:
+            stages["balance"] = _tracked(uri, parent, cfg, "balance",
+                                         lambda: run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray)))
+            print(report(shards.open_shard_set(real)), flush=True)
+        if "train-jointnet" in cfg.stages:
+            stages["train-jointnet"] = _train_jointnet(cfg, real, child_tracking)
+            print(f"teacher checkpoint: {stages['train-jointnet']['checkpoint']}", flush=True)
+    except Exception:
+        if parent:
+            tracking.finish_run(uri, parent, "FAILED")
+        raise
+    summary = {"job": "pipeline", "output": cfg.output, "stages": stages, "mlflow_run_id": parent}
+    if parent:
+        tracking.log_summary(uri, parent, summary)
+        tracking.finish_run(uri, parent)
+    return summary

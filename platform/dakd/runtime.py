@@ -25,6 +25,7 @@ def init_ray(cfg: RayConfig):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         log.info("starting a local Ray (%d logical CPUs)", cfg.local_num_cpus)
         ray.init(
+            address="local",  # a new local Ray even when another one runs on this machine
             num_cpus=cfg.local_num_cpus,
             object_store_memory=cfg.local_object_store_mb * 1024 * 1024,
             include_dashboard=False,

@@ -101,6 +101,19 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, 
     return run.info.run_id
 
 
+def log_summary(uri: str, run_id: str, summary: dict) -> None:
+    """A job summary on its run: numbers as metrics, the whole summary as summary.json."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for k, v in flatten(summary).items():
+        try:
+            client.log_metric(run_id, k, float(v))
+        except ValueError:
+            continue
+    client.log_dict(run_id, summary, "summary.json")
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     import mlflow
 

@@ -312,7 +312,8 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
         tracking.check_tracking(uri)
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri,
                                               run_name=cfg.run_name, params=dump_config(cfg),
-                                              tags={"dakd.job": "train-jointnet", "dakd.b": f"{b:.6g}"})
+                                              tags={"dakd.job": "train-jointnet", "dakd.b": f"{b:.6g}"},
+                                              parent_run_id=cfg.tracking.parent_run_id)
     # Fault drills and tests: DAKD_FAIL_AT_STEP=k makes the workers fail once right after the
     # checkpoint of step k (Ray Train then restarts them from that checkpoint).
     fail_at = os.environ.get("DAKD_FAIL_AT_STEP")
