@@ -27,6 +27,9 @@ RUNNERS = {
     "sample": "dakd.sample:run_sample",
     "synthesize": "dakd.synth.synthesize:run_synthesize",
     "evaluate-synthesis": "dakd.synth.evaluate:run_evaluate_synthesis",
+    "train-saross": "dakd.train.saross:run_train_saross",
+    "evaluate": "dakd.eval.evaluate:run_evaluate",
+    "predict": "dakd.predict:run_predict",
 }
 
 
@@ -43,6 +46,9 @@ JOB_HELP = {
     "sample": "draw samples from a SAR-JointNet checkpoint into a PNG grid",
     "synthesize": "sample N (image, logits) pairs from a teacher across Ray Data actors into a synthetic shard set",
     "evaluate-synthesis": "FID and Inception Score of a synthetic shard set against a real one",
+    "train-saross": "train the SAROSS-Net student (real-only, hard or soft DAKD) on Ray Train; best checkpoint by val mIoU",
+    "evaluate": "evaluate a SAROSS-Net checkpoint at full resolution: confusion matrix, IoU, mIoU, F1, P, R, accuracy",
+    "predict": "batch-segment a folder or bucket of images with Ray Data: coloured masks + class areas (Parquet, CSV)",
 }
 
 # Flags that are shorthands for --set, offered by every job whose config has the field.
