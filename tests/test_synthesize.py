@@ -1,0 +1,243 @@
+"""`dakd synthesize` on a real local Ray cluster and a real S3-protocol server: a tiny
+teacher trained here, N samples across Ray Data actors into Parquet shards, exactly once
+through a kill and re-run, a grown N and an actor that dies mid-range; bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import boto3
+import numpy as np
+import pytest
+import torch
+
+from dakd import __version__, storage
+from dakd.cli import main
+from dakd.config import (BalanceConfig, IngestConfig, ProceduralSource, SourceConfig, SynthesizeConfig,
+                         TrainJointNetConfig, load_config)
+from dakd.data import shards
+from dakd.data.balance import run_balance
+from dakd.data.classes import SOS_CLASSES
+from dakd.data.ingest import run_ingest
+from dakd.data.transforms import denormalize_image
+from dakd.diffusion.samplers import sample
+from dakd.errors import ConfigError, DataError, StorageError
+from dakd.seeds import sample_seed
+from dakd.synth.synthesize import SynthesisError, generate, run_synthesize
+from dakd.train import checkpoint as ckpt_io
+from dakd.train.jointnet import load_teacher, run_train_jointnet
+
+TINY_TEACHER = [
+    "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
+    "model.norm_num_groups=4", "model.attention_head_dim=4",
+    "stages.stage1={iterations: 3, lr: 0.003}", "stages.stage2={iterations: 3, lr: 0.003}",
+    "stages.stage3={iterations: 2, lr: 0.001}", "num_train_timesteps=100", "crop_size=32",
+    "batch_size_per_worker=4", "num_workers=1", "checkpoint_every=100", "log_every=4", "ema_decay=0.9",
+    "max_failures=0", "tracking.enabled=false",
+]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, ray_local):
+    """A tiny SAR-JointNet trained for 8 steps on procedural 32 px shards (5 classes)."""
+    root = tmp_path_factory.mktemp("synth")
+    real = str(root / "real")
+    source = SourceConfig(kind="procedural", procedural=ProceduralSource(splits={"train": 16}, height=32, width=32, seed=5))
+    run_ingest(IngestConfig(source=source, output=real, rows_per_file=8))
+    run_balance(BalanceConfig(shards=real))
+    cfg = load_config(TrainJointNetConfig, None, [f"shards={real}", f"output={root / 'runs'}", *TINY_TEACHER])
+    summary = run_train_jointnet(cfg)
+    model, state = load_teacher(summary["checkpoint"])
+    return {"real": real, "run": str(root / "runs" / "jointnet"), "checkpoint": summary["checkpoint"],
+            "model": model, "state": state}
+
+
+def synth_cfg(teacher: dict, output: str, *extra: str) -> SynthesizeConfig:
+    return load_config(SynthesizeConfig, None, [f"teacher={teacher['run']}", f"output={output}", f"steps={STEPS}",
+                                                 "rows_per_file=16", "actors_min=1", "actors_max=1",
+                                                 "tracking.enabled=false", *extra])
+
+
+def records(output: str) -> dict[str, dict]:
+    """id -> record of a complete synthetic set; fails on a duplicate id."""
+    got = {}
+    for rec in shards.open_shard_set(output).iter_records("train"):
+        assert rec["id"] not in got, f"id {rec['id']} twice"
+        got[rec["id"]] = rec
+    return got
+
+
+def s3_objects(prefix: str) -> dict[str, tuple[str, int]]:
+    """key -> (ETag, size) of every object under an s3:// prefix (real S3 API listing)."""
+    bucket, _, key = prefix[len("s3://"):].partition("/")
+    client = boto3.client("s3")
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"):
+        for o in page.get("Contents", []):
+            out[o["Key"][len(key) + 1:]] = (o["ETag"], o["Size"])
+    return out
+
+
+def reference(teacher: dict, ids: list[int], seed: int = 0, size: int = 32):
+    """Independent in-process generation: per-sample calls of the sampler -> float32 tensors."""
+    st = teacher["state"]
+    outs = [sample(teacher["model"], sampler="ddim", steps=STEPS, b=float(st["b"]), seeds=[sample_seed(seed, i)],
+                   height=size, width=size, device="cpu", num_classes=5,
+                   num_train_timesteps=int(st["num_train_timesteps"]), label_loss=st["label_loss"]) for i in ids]
+    return (torch.cat([o.images for o in outs])[:, 0], torch.cat([o.logits for o in outs]))
+
+
+def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_server):
+    out = s3_uri + "/synthetic"
+    cfg = synth_cfg(teacher, out, "count=40", f"tracking.uri={mlflow_server}", "tracking.enabled=true")
+
+    # "kill" the job after one range: the actor raises right after writing it
+    monkeypatch.setenv("DAKD_SYNTH_FAIL_AFTER_RANGES", "1")
+    with pytest.raises(SynthesisError, match="re-run the same command"):
+        run_synthesize(cfg)
+    monkeypatch.delenv("DAKD_SYNTH_FAIL_AFTER_RANGES")
+    before = s3_objects(out)
+    assert "manifest.json" not in before and "data/train/part-00000.parquet" in before
+    finished = sorted(k for k in before if k.startswith("data/"))
+    assert 1 <= len(finished) < 3
+
+    summary = run_synthesize(cfg)  # the same command again: resumes
+    assert summary["ranges_kept"] == [int(k[-13:-8]) for k in finished]
+    assert sorted(summary["ranges_kept"] + summary["ranges_written"]) == [0, 1, 2]
+    after = s3_objects(out)
+    for key in finished:  # untouched: same ETag and size
+        assert after[key] == before[key]
+
+    got = records(out)
+    assert sorted(got, key=int) == [str(i) for i in range(40)]  # ids exactly 0..39, once each
+    model_hash = hashlib.sha256(open(f"{teacher['checkpoint']}/{ckpt_io.EMA_FILE}", "rb").read()).hexdigest()
+    class_pixels = np.zeros(5, np.int64)
+    for sid, rec in got.items():
+        i = int(sid)
+        assert rec["index"] == i and rec["seed"] == sample_seed(0, i)
+        assert rec["image"].shape == (32, 32) and rec["image"].dtype == np.uint8
+        assert rec["mask"].shape == (32, 32) and rec["mask"].dtype == np.uint8
+        assert rec["logits"].shape == (5, 32, 32) and rec["logits"].dtype == np.float16
+        assert (rec["split"], rec["source"], rec["num_classes"]) == ("train", "synthetic", 5)
+        assert rec["teacher_hash"] == model_hash and rec["teacher_checkpoint"] == teacher["checkpoint"]
+        assert rec["b"] == pytest.approx(teacher["state"]["b"]) and rec["sampler"] == "ddim"
+        assert rec["steps"] == STEPS and rec["code_version"] == __version__
+        class_pixels += np.bincount(rec["mask"].ravel(), minlength=5)
+    images, logits = reference(teacher, [0, 39])
+    for n, i in enumerate([0, 39]):
+        np.testing.assert_array_equal(got[str(i)]["image"], denormalize_image(images[n]).numpy())
+        np.testing.assert_array_equal(got[str(i)]["logits"], logits[n].numpy().astype(np.float16))
+
+    m = shards.open_shard_set(out).manifest
+    assert m["kind"] == "synthetic" and m["count"] == 40 and m["teacher"]["hash"] == model_hash
+    assert (m["sampler"], m["steps"], m["seed"], m["nfe_per_sample"]) == ("ddim", STEPS, 0, STEPS)
+    assert [f["rows"] for f in m["splits"]["train"]["files"]] == [16, 16, 8]
+    assert m["splits"]["train"]["class_pixels"] == class_pixels.tolist()
+    assert m["splits"]["train"]["class_share"] == pytest.approx((class_pixels / class_pixels.sum()).tolist())
+    assert m["last_run"]["samples_per_s"] > 0 and m["classes"]["names"][1] == "oil"
+    from PIL import Image
+    import io
+
+    sheet = Image.open(io.BytesIO(storage.read_bytes(out + "/contact_sheet.png")))
+    assert sheet.size == (8 * 64, 5 * 32)  # 40 samples, 8 tiles [image | mask] per row
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert "contact_sheet.png" in [a.path for a in client.list_artifacts(summary["mlflow_run_id"])]
+    assert client.get_run(summary["mlflow_run_id"]).data.metrics["synth/count"] == 40
+
+    # grow 40 -> 60: ranges 0, 1 untouched; range 2 (ids 32..39) is rewritten as ids 32..47
+    # (its old ids regenerate identically); range 3 (48..59) is new
+    grown = run_synthesize(cfg.model_copy(update={"count": 60}))
+    assert grown["ranges_written"] == [2, 3] and grown["ranges_kept"] == [0, 1] and grown["generated"] == 16 + 12
+    final = s3_objects(out)
+    for key in ("data/train/part-00000.parquet", "data/train/part-00001.parquet"):
+        assert final[key] == after[key]
+    got60 = records(out)
+    assert sorted(got60, key=int) == [str(i) for i in range(60)]
+    for i in range(40):
+        for col in ("image", "mask", "logits"):
+            np.testing.assert_array_equal(got60[str(i)][col], got[str(i)][col])
+    assert shards.open_shard_set(out).manifest["count"] == 60
+
+
+def test_sample_seven_same_for_any_n_and_batch_size(teacher, tmp_path):
+    small = run_synthesize(synth_cfg(teacher, str(tmp_path / "n10"), "count=10", "rows_per_file=4", "batch_size=3"))
+    large = run_synthesize(synth_cfg(teacher, str(tmp_path / "n40"), "count=40", "batch_size=8",
+                                     "actors_max=2"))
+    assert small["count"] == 10 and large["count"] == 40
+    a, b = records(str(tmp_path / "n10")), records(str(tmp_path / "n40"))
+    for col in ("image", "mask", "logits", "seed"):
+        np.testing.assert_array_equal(a["7"][col], b["7"][col])
+
+    # float16 logits keep the argmax of the float32 logits: the stored mask is argmax of the
+    # float32 logits (regenerated here); argmax of the stored float16 logits gives the same
+    # class wherever the float16 maximum is unique; where rounding makes a tie, argmax of
+    # the float16 logits is the first tied class and the stored mask one of the tied classes
+    ids = list(range(10))
+    _, logits32 = reference(teacher, ids)
+    stored16 = np.stack([a[str(i)]["logits"] for i in ids]).astype(np.float32)
+    masks = np.stack([a[str(i)]["mask"] for i in ids])
+    np.testing.assert_array_equal(masks, logits32.argmax(dim=1).numpy())
+    top = stored16.max(axis=1, keepdims=True)
+    ties = (stored16 == top).sum(axis=1) > 1
+    arg16 = stored16.argmax(axis=1)
+    np.testing.assert_array_equal(arg16[~ties], masks[~ties])
+    assert np.all(np.take_along_axis(stored16, masks[:, None], axis=1)[:, 0][ties] == top[:, 0][ties])
+    assert (~ties).sum() > 0.99 * ties.size
+
+    # exact=false batches the network: equal to the exact sample only to float rounding
+    st = teacher["state"]
+    identity = {"seed": 0, "exact": False, "sampler": "ddim", "steps": STEPS, "b": float(st["b"]), "size": 32,
+                "num_classes": 5, "num_train_timesteps": int(st["num_train_timesteps"]), "label_loss": st["label_loss"]}
+    batched = generate(teacher["model"], identity, ids, 5, "cpu")
+    assert np.abs(batched["logits"] - logits32.numpy()).max() < 1e-3
+    assert np.abs(batched["image"].astype(int) - np.stack([a[str(i)]["image"] for i in ids]).astype(int)).max() <= 1
+
+
+def test_actor_dying_mid_range_is_retried_exactly_once(teacher, tmp_path, monkeypatch):
+    marker = tmp_path / "died"
+    monkeypatch.setenv("DAKD_SYNTH_DIE_AT_RANGE", f"1:{marker}")
+    out = str(tmp_path / "die")
+    summary = run_synthesize(synth_cfg(teacher, out, "count=24", "rows_per_file=8"))
+    assert marker.exists(), "the drill killed an actor in range 1"
+    assert summary["ranges_written"] == [0, 1, 2]
+    got = records(out)
+    assert sorted(got, key=int) == [str(i) for i in range(24)]
+    images, _ = reference(teacher, [8, 15])
+    np.testing.assert_array_equal(got["8"]["image"], denormalize_image(images[0]).numpy())
+    np.testing.assert_array_equal(got["15"]["image"], denormalize_image(images[1]).numpy())
+
+
+def test_bad_input(teacher, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="count"):
+        synth_cfg(teacher, str(tmp_path / "x"), "count=0")
+    with pytest.raises(ConfigError, match="teacher"):
+        run_synthesize(synth_cfg(teacher, str(tmp_path / "x"), "count=2", f"teacher={tmp_path / 'missing'}"))
+    # a real set with another class count
+    sos = str(tmp_path / "sos")
+    shards.write_manifest(sos, {"kind": "real", "classes": SOS_CLASSES.to_dict(), "splits": {}})
+    with pytest.raises(DataError, match="2 classes"):
+        run_synthesize(synth_cfg(teacher, str(tmp_path / "x"), "count=2", f"real={sos}"))
+    # an output that cannot be written
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match=str(blocker)):
+        run_synthesize(synth_cfg(teacher, str(blocker / "out"), "count=2"))
+    # another config into the same output: refused, then replaced with --overwrite
+    out = str(tmp_path / "other")
+    run_synthesize(synth_cfg(teacher, out, "count=4", "rows_per_file=2"))
+    with pytest.raises(DataError, match="another teacher or config.*seed"):
+        run_synthesize(synth_cfg(teacher, out, "count=4", "rows_per_file=2", "seed=1"))
+    with pytest.raises(DataError, match="shrinking"):
+        run_synthesize(synth_cfg(teacher, out, "count=3", "rows_per_file=2"))
+    assert main(["synthesize", "--set", f"teacher={teacher['run']}", "--output", out, "--overwrite", "--set", "seed=1",
+                 "--set", "count=4", "--set", "rows_per_file=2", "--set", f"steps={STEPS}",
+                 "--set", "tracking.enabled=false", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ranges_written"] == [0, 1]
+    assert {r["seed"] for r in records(out).values()} == {sample_seed(1, i) for i in range(4)}
+    assert main(["synthesize", "--set", "count=-1"]) == 2
