@@ -19,6 +19,8 @@ TINY = [
     "jointnet.stages.stage3={iterations: 2, lr: 0.001}", "jointnet.crop_size=32", "jointnet.batch_size_per_worker=2",
     "jointnet.num_workers=2", "jointnet.checkpoint_every=2", "jointnet.log_every=2", "jointnet.sample_every=6",
     "jointnet.sample_count=2", "jointnet.sample_steps=2", "jointnet.num_train_timesteps=50",
+    "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=4", "synthesize.actors_max=1",
+    "evaluate_synthesis.features=pixels",
 ]
 
 
@@ -39,7 +41,10 @@ def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_loc
     assert parent.info.status == "FINISHED" and parent.data.params["jointnet.num_workers"] == "2"
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.data.tags["dakd.job"] for r in children) == ["balance", "ingest", "train-jointnet"]
+    assert sorted(r.data.tags["dakd.job"] for r in children) == [
+        "balance", "evaluate-synthesis", "ingest", "synthesize", "train-jointnet"]
+    assert first["stages"]["synthesize"]["count"] == 8
+    assert first["stages"]["evaluate-synthesis"]["fid"] >= 0
     balance = next(r for r in children if r.data.tags["dakd.job"] == "balance")
     assert balance.data.metrics["b"] == first["stages"]["balance"]["b"]
 
@@ -49,3 +54,5 @@ def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_loc
     assert second["stages"]["ingest"]["skipped"] and second["stages"]["train-jointnet"]["skipped"]
     assert second["stages"]["train-jointnet"]["checkpoint"] == first["stages"]["train-jointnet"]["checkpoint"]
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["stages"]["synthesize"]["generated"] == 0  # every range was complete
+    assert second["stages"]["evaluate-synthesis"]["fid"] == first["stages"]["evaluate-synthesis"]["fid"]

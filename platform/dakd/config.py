@@ -365,7 +365,8 @@ class PredictConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-PIPELINE_STAGES = ("ingest", "balance", "train-jointnet")
+PIPELINE_STAGES = ("ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis")
+PipelineStage = Literal["ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis"]
 
 
 class PipelineConfig(Strict):
@@ -374,14 +375,24 @@ class PipelineConfig(Strict):
     `ray` and `tracking`, so those fields in the sections are ignored."""
 
     output: str = "runs/demo"
-    stages: list[Literal["ingest", "balance", "train-jointnet"]] = Field(default_factory=lambda: list(PIPELINE_STAGES))
+    stages: list[PipelineStage] = Field(default_factory=lambda: list(PIPELINE_STAGES))
     source: SourceConfig = Field(default_factory=SourceConfig)
     rows_per_file: int = Field(256, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     overwrite: bool = False
     jointnet: TrainJointNetConfig = Field(default_factory=TrainJointNetConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    evaluate_synthesis: EvaluateSynthesisConfig = Field(default_factory=EvaluateSynthesisConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _inception_weights(self):
+        e = self.evaluate_synthesis
+        if "evaluate-synthesis" in self.stages and e.features == "inception" and not e.inception_weights:
+            raise ValueError("evaluate_synthesis.inception_weights: required for features=inception (a local file "
+                             "or URI; they cannot be downloaded), or set evaluate_synthesis.features=pixels")
+        return self
 
 
 JOB_CONFIGS: dict[str, type[Strict]] = {

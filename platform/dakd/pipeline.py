@@ -1,7 +1,7 @@
 """`dakd pipeline`: every stage in order under one output root, then a short report.
 
 Layout under `output`: `real/` (ingested shard set, with b in its manifest), `teacher/`
-(SAR-JointNet run: checkpoints + latest.json). A stage whose output already exists for
+(SAR-JointNet run: checkpoints + latest.json), `synthetic/` (synthetic shard set). A stage whose output already exists for
 the same config is skipped, so a re-submitted pipeline continues where it stopped.
 """
 
@@ -86,6 +86,23 @@ def _train_jointnet(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     return run_train_jointnet(jcfg)
 
 
+def _synthesize(cfg: PipelineConfig, real: str, teacher: str, tracking_cfg) -> dict:
+    """Synthesis is resumable by itself: complete ranges of the same config are kept."""
+    from dakd.synth.synthesize import run_synthesize
+
+    scfg = cfg.synthesize.model_copy(update={"teacher": teacher, "output": storage.join_uri(cfg.output, "synthetic"),
+                                             "real": real, "ray": cfg.ray, "tracking": tracking_cfg})
+    return run_synthesize(scfg)
+
+
+def _evaluate_synthesis(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
+    from dakd.synth.evaluate import run_evaluate_synthesis
+
+    ecfg = cfg.evaluate_synthesis.model_copy(update={"synthetic": storage.join_uri(cfg.output, "synthetic"),
+                                                     "real": real, "ray": cfg.ray, "tracking": tracking_cfg})
+    return run_evaluate_synthesis(ecfg)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every configured stage in order; one MLflow parent run with a child run per stage."""
     from dakd import tracking
@@ -109,6 +126,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if "train-jointnet" in cfg.stages:
             stages["train-jointnet"] = _train_jointnet(cfg, real, child_tracking)
             print(f"teacher checkpoint: {stages['train-jointnet']['checkpoint']}", flush=True)
+        teacher = storage.join_uri(cfg.output, "teacher", cfg.jointnet.run_name)
+        if "synthesize" in cfg.stages:
+            stages["synthesize"] = _synthesize(cfg, real, teacher, child_tracking)
+        if "evaluate-synthesis" in cfg.stages:
+            stages["evaluate-synthesis"] = _evaluate_synthesis(cfg, real, child_tracking)
+            print(f"synthetic set: FID ({cfg.evaluate_synthesis.features}) = {stages['evaluate-synthesis']['fid']:.4g}",
+                  flush=True)
     except Exception:
         if parent:
             tracking.finish_run(uri, parent, "FAILED")

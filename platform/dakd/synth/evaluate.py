@@ -133,7 +133,8 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment,
                                               run_key=f"evaluate-synthesis:{cfg.synthetic}:{cfg.real}:{cfg.features}",
                                               run_name="evaluate-synthesis", params=dump_config(cfg),
-                                              tags={"dakd.job": "evaluate-synthesis"})
+                                              tags={"dakd.job": "evaluate-synthesis"},
+                                              parent_run_id=cfg.tracking.parent_run_id)
         logger = tracking.RunLogger(uri, run_id)
         metrics = {f"gen/fid_{cfg.features.replace(':', '_')}": fid}
         if is_mean is not None:

@@ -435,7 +435,8 @@ def run_synthesize(cfg: SynthesizeConfig) -> dict:
     if cfg.tracking.enabled:
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"synthesize:{output}",
                                               run_name="synthesize", params=dump_config(cfg),
-                                              tags={"dakd.job": "synthesize", "dakd.teacher_hash": identity["teacher_hash"]})
+                                              tags={"dakd.job": "synthesize", "dakd.teacher_hash": identity["teacher_hash"]},
+                                              parent_run_id=cfg.tracking.parent_run_id)
         logger = tracking.RunLogger(uri, run_id)
         metrics = {"synth/count": cfg.count, "synth/generated": generated}
         metrics.update({f"synth/{k}": v for k, v in timing.items() if v is not None})
