@@ -1,0 +1,261 @@
+"""`dakd evaluate`: a SAROSS-Net on a shard set's split at full resolution.
+
+Every image is segmented whole (SAROSS-Net pads to a multiple of 32 and crops back, so
+OSD's 650x1250 needs no tiling) by Ray Data actors; each returns the image's confusion
+matrix; the driver sums them over the split and computes the metrics once (eval.metrics:
+data-set-level, not means of per-image scores). Averaging, exactly: per-class IoU, F1,
+precision and recall from the summed confusion matrix; mIoU, F1, precision and recall
+in the table are *macro* means over the classes present in the target or prediction;
+accuracy is pixel accuracy, trace / total.
+
+Outputs under `output`: metrics.json (confusion matrix, per-class and mean values),
+table.md (the paper's layouts), confusion_matrix.png, overlays/<id>.png ([image |
+prediction | ground truth] for the first `overlay_count` images); the same logged to MLflow.
+
+Shared helpers: `segment` (one full-resolution image -> class map), `overlay_panel`,
+`load_model` (a checkpoint / run directory, or an MLflow `models:/` URI).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+
+import numpy as np
+import torch
+
+from dakd import storage
+from dakd.config import EvaluateConfig, TrackingConfig, dump_config
+from dakd.data.classes import ClassTable, class_table_from_dict
+from dakd.data.shards import open_shard_set
+from dakd.data.transforms import normalize_image
+from dakd.errors import ConfigError, DataError
+from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def segment_logits(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W) uint8 grey image -> (C, H, W) float32 logits on CPU, at full resolution."""
+    device = torch.device(device)
+    x = normalize_image(torch.from_numpy(np.array(image, dtype=np.uint8)))[None, None].to(device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x)
+    return logits[0].float().cpu()
+
+
+def segment(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """(H, W) uint8 grey image -> (H, W) uint8 class map (argmax of the logits)."""
+    return segment_logits(model, image, device).argmax(dim=0).to(torch.uint8).numpy()
+
+
+def _blend(grey: np.ndarray, mask: np.ndarray, classes: ClassTable, alpha: float = 0.5) -> np.ndarray:
+    base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+    col = classes.colorize(mask).astype(np.float32)
+    out = np.where((mask > 0)[..., None], (1 - alpha) * base + alpha * col, base)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, target: np.ndarray | None = None) -> np.ndarray:
+    """[image | prediction over image | ground truth over image] -> (H, k*W, 3) uint8.
+    Class 0 (background) is left uncoloured; others blend 50 % of their class colour."""
+    parts = [np.repeat(image[..., None], 3, axis=-1), _blend(image, pred, classes)]
+    if target is not None:
+        parts.append(_blend(image, target, classes))
+    return np.concatenate(parts, axis=1)
+
+
+def confusion_png(cm: np.ndarray, names) -> bytes:
+    """A confusion-matrix figure (rows: target, columns: prediction; colour: row share; cells: counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm, dtype=np.int64)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.2 * n + 1.5))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for t in range(n):
+        for p in range(n):
+            ax.text(p, t, f"{cm[t, p]}\n{100 * share[t, p]:.1f}%", ha="center", va="center", fontsize=8,
+                    color="white" if share[t, p] > 0.5 else "black")
+    ax.set_xticks(range(n), names, rotation=30)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("target")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def load_model(uri: str, tracking: TrackingConfig | None = None) -> tuple[torch.nn.Module, ClassTable, dict]:
+    """A SAROSS-Net (eval mode, CPU) + class table + provenance from a checkpoint directory,
+    a train-saross run directory (its best checkpoint), or an MLflow `models:/<name>/<version>` URI."""
+    if str(uri).startswith("models:/") or str(uri).startswith("runs:/"):
+        import mlflow
+        import mlflow.pytorch
+
+        if tracking is not None:
+            from dakd import tracking as trk
+
+            mlflow.set_tracking_uri(tracking.uri or trk.resolve_tracking_uri(None, "."))
+        try:
+            info = mlflow.models.get_model_info(uri)
+            model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+            raise ConfigError(f"model {uri}: cannot be loaded from MLflow ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        meta = info.metadata or {}
+        if "dakd_classes" not in meta:
+            raise ConfigError(f"model {uri}: not a dakd SAROSS-Net model (no dakd_classes in its metadata)")
+        return model.eval(), class_table_from_dict(meta["dakd_classes"]), {"model": uri, "arch": meta.get("dakd_arch")}
+    from dakd.train.saross import load_student
+
+    model, state = load_student(uri)
+    return model, class_table_from_dict(state["classes"]), {"model": state["location"], "arch": state["arch"],
+                                                            "epoch": state.get("epoch")}
+
+
+def actor_device(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+class EvaluateActor:
+    """Ray Data actor: shard rows -> per-image confusion matrix (+ overlay PNG for chosen ids)."""
+
+    def __init__(self, model_ref, num_classes: int, classes: dict, overlay_ids: list[str], gpus: float, threads: int):
+        import ray
+
+        torch.set_num_threads(threads)
+        self.device = actor_device(gpus)
+        self.model = ray.get(model_ref[0]).to(self.device).eval()
+        self.c = num_classes
+        self.classes = class_table_from_dict(classes)
+        self.overlay_ids = set(overlay_ids)
+
+    def __call__(self, batch: dict) -> dict:
+        from dakd.tracking import png_bytes
+
+        cms, overlays = [], []
+        for sid, h, w, img, msk in zip(batch["id"], batch["height"], batch["width"], batch["image"], batch["mask"]):
+            image = np.frombuffer(img, dtype=np.uint8).reshape(int(h), int(w))
+            mask = np.frombuffer(msk, dtype=np.uint8).reshape(int(h), int(w))
+            pred = segment(self.model, image, self.device)
+            cms.append(confusion_matrix(pred, mask, self.c).astype(np.int64).tobytes())
+            overlays.append(png_bytes(overlay_panel(image, pred, self.classes, mask)) if str(sid) in self.overlay_ids else b"")
+        return {"id": batch["id"], "cm": np.array(cms, dtype=object), "overlay": np.array(overlays, dtype=object)}
+
+
+def _safe_name(sid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(sid))
+
+
+def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, split: str, *, overlay_count: int = 0,
+                   batch_size: int = 1, actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
+                   torch_threads: int = 1) -> tuple[np.ndarray, dict, dict[str, bytes]]:
+    """Segment every image of `split` with Ray Data actors; returns (summed confusion matrix
+    (C, C) int64, metrics of eval.metrics, {id: overlay PNG bytes})."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    shard_set = open_shard_set(shards)
+    if shard_set.classes.num_classes != classes.num_classes:
+        raise DataError(shards, f"has {shard_set.classes.num_classes} classes, the model {classes.num_classes}")
+    files = shard_set.files(split)
+    ids = []
+    for uri in files[:1] if overlay_count else []:
+        from dakd.data.shards import read_table
+
+        ids = read_table(uri, columns=["id"]).column("id").to_pylist()[:overlay_count]
+    loc = storage.resolve(shard_set.root)
+    ds = ray.data.read_parquet([storage.resolve(f).path for f in files], filesystem=loc.fs,
+                               columns=["id", "height", "width", "image", "mask"])
+    model_ref = [ray.put(model)]  # wrapped in a list so Ray passes the reference, not the object
+    out = ds.map_batches(EvaluateActor, fn_constructor_args=(model_ref, classes.num_classes, classes.to_dict(), ids,
+                                                              gpus_per_actor, torch_threads),
+                         compute=ActorPoolStrategy(size=actors), batch_size=batch_size, num_gpus=gpus_per_actor,
+                         num_cpus=cpus_per_actor, batch_format="numpy")
+    c = classes.num_classes
+    cm = np.zeros((c, c), dtype=np.int64)
+    overlays: dict[str, bytes] = {}
+    n = 0
+    for row in out.iter_rows():
+        cm += np.frombuffer(row["cm"], dtype=np.int64).reshape(c, c)
+        if row["overlay"]:
+            overlays[str(row["id"])] = row["overlay"]
+        n += 1
+        if n % 20 == 0:
+            print(f"[evaluate] {n} images", flush=True)
+    if n == 0:
+        raise DataError(shards, f"split {split!r} holds no images")
+    metrics = segmentation_metrics(cm, classes.names)
+    metrics["images"] = n
+    return cm, metrics, overlays
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Evaluate a checkpoint on a split at full resolution; print the paper-layout tables,
+    write metrics.json, table.md, confusion_matrix.png, overlays/ to `output`; log to MLflow."""
+    from dakd import tracking
+    from dakd.runtime import init_ray
+
+    model, classes, prov = load_model(cfg.checkpoint, cfg.tracking)
+    where = str(prov["model"]).rstrip("/")
+    name = cfg.name or (where if where.startswith(("models:/", "runs:/")) else where.split("/")[-2])
+    storage.ensure_dir(cfg.output)
+    storage.check_writable(cfg.output)
+    run_id, uri = None, None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
+        tracking.check_tracking(uri)
+    init_ray(cfg.ray)
+    print(f"[evaluate] {prov['model']} on {cfg.shards} split {cfg.split!r} at full resolution", flush=True)
+    cm, metrics, overlays = evaluate_model(model, classes, cfg.shards, cfg.split, overlay_count=cfg.overlay_count,
+                                           batch_size=cfg.batch_size, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor,
+                                           cpus_per_actor=cfg.cpus_per_actor, torch_threads=cfg.torch_threads)
+    table = comparison_table({name: metrics})
+    print(table, flush=True)
+    print("(mIoU, F1, Recall, Precision: macro means over classes of per-class values from the summed "
+          "confusion matrix; Accuracy: pixel accuracy)", flush=True)
+    report = {"model": prov["model"], "name": name, "shards": cfg.shards, "split": cfg.split, "classes": list(classes.names),
+              "confusion_matrix": cm.tolist(), "confusion_matrix_layout": "cm[target][prediction] pixel counts",
+              "averaging": "macro over present classes; accuracy = pixel accuracy", "metrics": metrics}
+    storage.write_text(storage.join_uri(cfg.output, "metrics.json"), json.dumps(report, indent=2))
+    storage.write_text(storage.join_uri(cfg.output, "table.md"), table + "\n")
+    cm_png = confusion_png(cm, classes.names)
+    storage.write_bytes(storage.join_uri(cfg.output, "confusion_matrix.png"), cm_png)
+    for sid, data in overlays.items():
+        storage.write_bytes(storage.join_uri(cfg.output, "overlays", f"{_safe_name(sid)}.png"), data)
+    if uri:
+        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"evaluate:{cfg.output}",
+                                              run_name=f"evaluate-{name}", params=dump_config(cfg),
+                                              tags={"dakd.job": "evaluate", "dakd.model": str(prov["model"])})
+        logger = tracking.RunLogger(uri, run_id)
+        flat = {"test/miou": metrics["miou"], "test/f1": metrics["f1_mean"], "test/precision": metrics["precision_mean"],
+                "test/recall": metrics["recall_mean"], "test/accuracy": metrics["accuracy"]}
+        flat.update({f"test/iou_{k}": v for k, v in metrics["iou"].items() if v == v})
+        logger.log_metrics(flat, 0)
+        logger.log_dict(report, "evaluation/metrics.json")
+        logger._call(logger.client.log_text, run_id, table, "evaluation/table.md")
+        from PIL import Image
+
+        logger.log_image(np.asarray(Image.open(io.BytesIO(cm_png)).convert("RGB")), "evaluation/confusion_matrix.png")
+        for sid, data in overlays.items():
+            logger.log_image(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), f"evaluation/overlays/{_safe_name(sid)}.png")
+        logger.end("FINISHED")
+    return {"job": "evaluate", "model": prov["model"], "name": name, "output": cfg.output, "split": cfg.split,
+            "images": metrics["images"], "miou": metrics["miou"], "f1": metrics["f1_mean"], "precision": metrics["precision_mean"],
+            "recall": metrics["recall_mean"], "accuracy": metrics["accuracy"], "iou": metrics["iou"],
+            "confusion_matrix": cm.tolist(), "mlflow_run_id": run_id, "table": table, "metrics": metrics}
+
+
+def comparison_table(rows: dict[str, dict]) -> str:
+    """The paper's two layouts for several evaluations, e.g. {"real-only": m1, "DAKD": m2}
+    with m = run_evaluate(...)["metrics"] (or eval.metrics.segmentation_metrics)."""
+    return format_table(rows) + "\n\n" + format_per_class_table(rows)

@@ -1,0 +1,186 @@
+"""SAROSS-Net training (DAKD) on a real local Ray cluster with 2 DDP workers (gloo):
+the Ray Data feed of real crops + synthetic mosaics, soft / hard / real-only modes,
+resume, the best checkpoint by val mIoU, MLflow (metrics, overlays, a registered model
+loadable by `models:/`), and bad input refused before training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dakd.config import IngestConfig, ProceduralSource, SourceConfig, TrainSarossConfig, load_config
+from dakd.data import shards
+from dakd.data.ingest import run_ingest
+from dakd.data.transforms import denormalize_image
+from dakd.errors import ConfigError, DataError
+from dakd.train import checkpoint as ckpt_io
+from dakd.train.saross import load_student, run_train_saross
+from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
+
+TILE = 32
+TINY = ["model.encoder=resnet18", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
+        "global_batch_size=4", "num_workers=2", "lr=0.002", "log_every=1", "overlay_count=1", "max_failures=0"]
+
+
+def write_synthetic(root: str, real: shards.ShardSet, *, num_classes: int = 5, logits: bool = True) -> list[dict]:
+    """A synthetic shard set as `dakd synthesize` writes it: TILE x TILE tiles cut from the
+    real train images, logits = 4 * one-hot(mask) + noise (float16). Returns the records."""
+    rng = np.random.default_rng(1)
+    records = []
+    for rec in real.iter_records("train"):
+        for k in range(2):
+            img = rec["image"][k * TILE:(k + 1) * TILE, :TILE]
+            msk = np.minimum(rec["mask"][k * TILE:(k + 1) * TILE, :TILE], num_classes - 1)
+            lg = (4 * np.eye(num_classes, dtype=np.float32)[msk].transpose(2, 0, 1)
+                  + rng.normal(size=(num_classes, TILE, TILE))).astype(np.float16)
+            i = len(records)
+            records.append(dict(id=str(i), split="train", source="synthetic", sensor=None, height=TILE, width=TILE,
+                                image=img, mask=lg.argmax(0).astype(np.uint8), off_palette_pixels=0, index=i, seed=i,
+                                logits=lg, num_classes=num_classes, teacher_checkpoint="t", teacher_hash="h", b=0.5,
+                                sampler="ddim", steps=2, code_version="test"))
+    schema = shards.SYNTH_SCHEMA if logits else shards.SHARD_SCHEMA
+    table = shards.records_to_table(records, schema)
+    name = shards.shard_name("train", 0)
+    size = shards.write_table(f"{root}/{name}", table)
+    classes = dict(real.manifest["classes"])
+    if num_classes != 5:
+        classes = {"name": "sos", "names": ["background", "oil"], "colors": [[0, 0, 0], [255, 255, 255]]}
+    shards.write_manifest(root, {"kind": "synthetic", "classes": classes,
+                                 "splits": {"train": {"count": len(records), "files": [{"path": name, "rows": len(records), "bytes": size}]}}})
+    return records
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    base = tmp_path_factory.mktemp("saross")
+    real = str(base / "real")
+    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 8, "test": 2}, height=64,
+                                                                           width=64, seed=3)), output=real, rows_per_file=4))
+    real_set = shards.open_shard_set(real)
+    syn = str(base / "syn")
+    tiles = write_synthetic(syn, real_set)
+    return {"real": real, "syn": syn, "tiles": tiles, "base": base}
+
+
+def config(data, output, *extra) -> TrainSarossConfig:
+    return load_config(TrainSarossConfig, None, [f"shards={data['real']}", f"synthetic={data['syn']}", f"output={output}",
+                                                 *TINY, *extra])
+
+
+def _unflip(quadrant: np.ndarray, tile: np.ndarray) -> tuple[bool, bool] | None:
+    for fh in (False, True):
+        for fv in (False, True):
+            t = tile[..., :, ::-1] if fh else tile
+            t = t[..., ::-1, :] if fv else t
+            if np.array_equal(quadrant, t):
+                return fh, fv
+    return None
+
+
+def test_feed_mixes_real_crops_and_synthetic_mosaics(data):
+    real = shards.open_shard_set(data["real"])
+    ds, info = training_dataset(real, "train", 2 * TILE, synthetic=data["syn"], mode="soft", share=0.5, use_mosaic=True)
+    rows = ds.take_all()
+    syn = [r for r in rows if r["synthetic"]]
+    assert info["real"] == 8 and len(syn) == synthetic_count(8, 0.5) == info["synthetic"]
+    assert len(rows) - len(syn) == 8
+    tiles = data["tiles"]
+    for r in syn:
+        image = denormalize_image(r["image"][0])
+        logits = r["logits"]
+        # mask = argmax of the logits; each quadrant is one whole tile, image and logits alike
+        assert np.array_equal(r["mask"], logits.astype(np.float32).argmax(0))
+        used = set()
+        for qy in range(2):
+            for qx in range(2):
+                q_img = image[qy * TILE:(qy + 1) * TILE, qx * TILE:(qx + 1) * TILE]
+                q_lg = logits[:, qy * TILE:(qy + 1) * TILE, qx * TILE:(qx + 1) * TILE]
+                match = [(t["id"], _unflip(q_img, t["image"])) for t in tiles]
+                match = [(i, f) for i, f in match if f is not None
+                         and _unflip(q_lg, tiles[int(i)]["logits"]) == f]
+                assert match, "every quadrant is a tile, its logits moved with it"
+                used.add(match[0][0])
+        assert len(used) == 4  # four different tiles
+    for r in rows:
+        if not r["synthetic"]:
+            assert not r["logits"].any() and r["image"].shape == (1, 2 * TILE, 2 * TILE)
+
+
+def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlflow_server):
+    import mlflow
+    import mlflow.pytorch
+
+    cfg = config(data, str(tmp_path / "runs"), "loss.mode=soft", "epochs=2", "run_name=dakd",
+                 f"tracking.uri={mlflow_server}", "register_name=saross-test")
+    summary = run_train_saross(cfg)
+    assert summary["epochs"] == 2 and summary["data"]["synthetic"] == 8 and summary["mode"] == "soft"
+    # best.json names the checkpoint with the highest val mIoU among those kept
+    run_dir = tmp_path / "runs" / "dakd"
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/state.json")]
+    assert {s["epoch"] for s in states} == {1, 2}
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["val_miou"] == max(s["val"]["miou"] for s in states) == summary["val_miou"]
+    assert ckpt_io.read_state(best["checkpoint"])["epoch"] == best["epoch"] == summary["best_epoch"]
+    model, state = load_student(str(run_dir))  # the run directory resolves to the best checkpoint
+    assert state["location"] == best["checkpoint"] and state["kind"] == "sar-oss-net"
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["loss.mode"] == "soft" and run.data.params["crop_size"] == "32"
+    for key in ("train/ce", "train/dice", "train/kd", "val/miou", "val/iou_sea"):
+        hist = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in hist] == [1, 2], key
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "train/kd"))
+    share = [m.value for m in client.get_metric_history(run.info.run_id, "train/synthetic_share")]
+    assert all(0 < s < 1 for s in share)  # both kinds in the batches
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
+    # the best checkpoint as a registered MLflow model with a signature, loadable by models:/
+    assert summary["registered"] == "models:/saross-test/1"
+    mlflow.set_tracking_uri(mlflow_server)
+    info = mlflow.models.get_model_info(summary["registered"])
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, -1, -1]
+    assert info.metadata["dakd_checkpoint"] == best["checkpoint"]
+    loaded = mlflow.pytorch.load_model(summary["registered"]).eval()
+    x = torch.randn(1, 1, 40, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_real_only_then_resume_and_hard_mode(data, tmp_path):
+    out = str(tmp_path / "runs")
+    first = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=1", "run_name=ro", "tracking.enabled=false"))
+    assert first["epochs"] == 1 and first["data"]["synthetic"] == 0
+    again = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=2", "run_name=ro", "tracking.enabled=false"))
+    state = ckpt_io.read_state(again["last_checkpoint"])
+    assert state["epoch"] == 2 and state["attempt_start_epoch"] == 1  # continued after epoch 1
+    assert state["step"] == 2 * ckpt_io.read_state(first["last_checkpoint"])["step"] > 0
+
+    hard = run_train_saross(config(data, out, "loss.mode=hard", "epochs=1", "run_name=hard", "tracking.enabled=false",
+                                   "synthetic_share=0.2"))
+    assert hard["data"]["synthetic"] == synthetic_count(8, 0.2) == 2 and hard["epochs"] == 1
+
+
+def test_bad_input_is_refused(data, tmp_path):
+    real = shards.open_shard_set(data["real"])
+    two = str(tmp_path / "two")
+    write_synthetic(two, real, num_classes=2)
+    nologits = str(tmp_path / "nologits")
+    write_synthetic(nologits, real, logits=False)
+    out = str(tmp_path / "bad")
+    with pytest.raises(DataError, match="2 classes .* real data has 5"):
+        run_train_saross(config(data, out, f"synthetic={two}", "tracking.enabled=false"))
+    for mode in ("soft", "hard"):
+        with pytest.raises(DataError, match="no `logits` column"):
+            run_train_saross(config(data, out, f"synthetic={nologits}", f"loss.mode={mode}", "tracking.enabled=false"))
+    first_id = next(real.iter_records("train"))["id"]
+    with pytest.raises(DataError, match=f"'{first_id}'.*64x64 \\(HxW\\), smaller than the 96x96 crop"):
+        run_train_saross(config(data, out, "crop_size=96", "loss.mode=real-only", "tracking.enabled=false"))
+    with pytest.raises(DataError, match="2x2 mosaic of the 32x32 tiles is 64x64, smaller than the 96x96 crop"):
+        check_synthetic(shards.open_shard_set(data["syn"]), 5, 96, True)
+    with pytest.raises(ConfigError, match="unknown encoder 'resnet_nope'; valid names: mambavision_b"):
+        run_train_saross(config(data, out, "model.encoder=resnet_nope", "tracking.enabled=false"))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        config(data, out, "crop_size=48")
