@@ -21,6 +21,9 @@ TINY = [
     "jointnet.sample_count=2", "jointnet.sample_steps=2", "jointnet.num_train_timesteps=50",
     "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=4", "synthesize.actors_max=1",
     "evaluate_synthesis.features=pixels",
+    "saross.model.encoder=resnet18", "saross.model.decoder_channels=[8, 8, 8]", "saross.model.caft_heads=2",
+    "saross.crop_size=32", "saross.epochs=1", "saross.global_batch_size=4", "saross.num_workers=2",
+    "saross.mosaic=false", "saross.overlay_count=1", "evaluate.overlay_count=1",
 ]
 
 
@@ -42,9 +45,12 @@ def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_loc
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["dakd.job"] for r in children) == [
-        "balance", "evaluate-synthesis", "ingest", "synthesize", "train-jointnet"]
+        "balance", "evaluate", "evaluate", "evaluate-synthesis", "ingest", "synthesize", "train-jointnet",
+        "train-saross", "train-saross"]
     assert first["stages"]["synthesize"]["count"] == 8
     assert first["stages"]["evaluate-synthesis"]["fid"] >= 0
+    assert set(first["stages"]["evaluate"]["miou"]) == {"real-only", "soft"}
+    assert "real-only" in first["stages"]["evaluate"]["table"] and "DAKD" in first["stages"]["evaluate"]["table"]
     balance = next(r for r in children if r.data.tags["dakd.job"] == "balance")
     assert balance.data.metrics["b"] == first["stages"]["balance"]["b"]
 
@@ -52,6 +58,8 @@ def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_loc
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["stages"]["ingest"]["skipped"] and second["stages"]["train-jointnet"]["skipped"]
+    assert all(r["skipped"] for r in second["stages"]["train-saross"].values())
+    assert second["stages"]["evaluate"]["miou"] == first["stages"]["evaluate"]["miou"]
     assert second["stages"]["train-jointnet"]["checkpoint"] == first["stages"]["train-jointnet"]["checkpoint"]
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["stages"]["synthesize"]["generated"] == 0  # every range was complete

@@ -365,8 +365,10 @@ class PredictConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-PIPELINE_STAGES = ("ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis")
-PipelineStage = Literal["ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis"]
+PIPELINE_STAGES = ("ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis", "train-saross",
+                   "evaluate")
+PipelineStage = Literal["ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis", "train-saross",
+                        "evaluate"]
 
 
 class PipelineConfig(Strict):
@@ -383,6 +385,11 @@ class PipelineConfig(Strict):
     jointnet: TrainJointNetConfig = Field(default_factory=TrainJointNetConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     evaluate_synthesis: EvaluateSynthesisConfig = Field(default_factory=EvaluateSynthesisConfig)
+    saross: TrainSarossConfig = Field(default_factory=TrainSarossConfig)
+    student_modes: list[Literal["real-only", "hard", "soft"]] = Field(
+        default_factory=lambda: ["real-only", "soft"],
+        description="one student per mode (run names = modes); evaluate compares them in one table")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

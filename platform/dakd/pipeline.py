@@ -1,7 +1,8 @@
 """`dakd pipeline`: every stage in order under one output root, then a short report.
 
 Layout under `output`: `real/` (ingested shard set, with b in its manifest), `teacher/`
-(SAR-JointNet run: checkpoints + latest.json), `synthetic/` (synthetic shard set). A stage whose output already exists for
+(SAR-JointNet run: checkpoints + latest.json), `synthetic/` (synthetic shard set),
+`student/<mode>` (one SAROSS-Net run per student mode), `eval/<mode>` (evaluations). A stage whose output already exists for
 the same config is skipped, so a re-submitted pipeline continues where it stopped.
 """
 
@@ -15,6 +16,7 @@ from dakd.config import BalanceConfig, IngestConfig, PipelineConfig, dump_config
 from dakd.data import shards
 from dakd.data.balance import run_balance
 from dakd.data.ingest import run_ingest
+from dakd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,50 @@ def _evaluate_synthesis(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     return run_evaluate_synthesis(ecfg)
 
 
+STUDENT_NAMES = {"real-only": "real-only", "hard": "DAKD (hard labels)", "soft": "DAKD"}
+
+
+def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
+    """One SAROSS-Net per mode in cfg.student_modes; a finished run of the same config is skipped."""
+    from dakd.train.checkpoint import read_state
+    from dakd.train.saross import BEST, run_train_saross
+
+    out = {}
+    for mode in cfg.student_modes:
+        scfg = cfg.saross.model_copy(update={
+            "shards": real, "synthetic": storage.join_uri(cfg.output, "synthetic"),
+            "output": storage.join_uri(cfg.output, "student"), "run_name": mode,
+            "loss": cfg.saross.loss.model_copy(update={"mode": mode}), "ray": cfg.ray, "tracking": tracking_cfg})
+        pointer = storage.join_uri(scfg.output, mode, BEST)
+        if storage.exists(pointer) and not cfg.overwrite:
+            best = json.loads(storage.read_text(pointer))["checkpoint"]
+            if _same_job(read_state(best)["config"], dump_config(scfg)):
+                log.info("train-saross (%s): %s already holds this config's student; skipped", mode, best)
+                out[mode] = {"skipped": True, "checkpoint": best}
+                continue
+        out[mode] = run_train_saross(scfg)
+    return out
+
+
+def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_cfg) -> dict:
+    """Evaluate every student on the real test split and print the paper's tables side by side."""
+    from dakd.eval.evaluate import comparison_table, run_evaluate
+
+    results, rows = {}, {}
+    for mode, trained in students.items():
+        name = STUDENT_NAMES[mode]
+        ecfg = cfg.evaluate.model_copy(update={"checkpoint": trained["checkpoint"], "shards": real,
+                                               "output": storage.join_uri(cfg.output, "eval", mode), "name": name,
+                                               "ray": cfg.ray, "tracking": tracking_cfg})
+        results[mode] = run_evaluate(ecfg)
+        rows[name] = results[mode]["metrics"]
+    table = comparison_table(rows)
+    print(table, flush=True)
+    storage.write_text(storage.join_uri(cfg.output, "eval", "comparison.md"), table + "\n")
+    return {"table": table, "miou": {m: r["metrics"]["miou"] for m, r in results.items()},
+            "outputs": {m: r["output"] for m, r in results.items()}}
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every configured stage in order; one MLflow parent run with a child run per stage."""
     from dakd import tracking
@@ -133,6 +179,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             stages["evaluate-synthesis"] = _evaluate_synthesis(cfg, real, child_tracking)
             print(f"synthetic set: FID ({cfg.evaluate_synthesis.features}) = {stages['evaluate-synthesis']['fid']:.4g}",
                   flush=True)
+        if "train-saross" in cfg.stages:
+            stages["train-saross"] = _train_students(cfg, real, child_tracking)
+        if "evaluate" in cfg.stages:
+            if "train-saross" not in stages:
+                raise ConfigError("stages: evaluate needs train-saross in the same pipeline run")
+            stages["evaluate"] = _evaluate_students(cfg, real, stages["train-saross"], child_tracking)
     except Exception:
         if parent:
             tracking.finish_run(uri, parent, "FAILED")

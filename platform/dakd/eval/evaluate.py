@@ -235,7 +235,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if uri:
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"evaluate:{cfg.output}",
                                               run_name=f"evaluate-{name}", params=dump_config(cfg),
-                                              tags={"dakd.job": "evaluate", "dakd.model": str(prov["model"])})
+                                              tags={"dakd.job": "evaluate", "dakd.model": str(prov["model"])},
+                                              parent_run_id=cfg.tracking.parent_run_id)
         logger = tracking.RunLogger(uri, run_id)
         flat = {"test/miou": metrics["miou"], "test/f1": metrics["f1_mean"], "test/precision": metrics["precision_mean"],
                 "test/recall": metrics["recall_mean"], "test/accuracy": metrics["accuracy"]}
