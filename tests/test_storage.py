@@ -55,3 +55,20 @@ def test_s3_endpoint_down_is_a_clear_error(monkeypatch):
         storage.check_writable("s3://bucket/prefix")
     assert "s3://bucket/prefix" in str(err.value)
     assert "sekret-marker-5521" not in str(err.value)
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    from dakd.errors import DataError
+
+    err = pickle.loads(pickle.dumps(DataError("/a/b.png", "cannot decode image")))
+    assert isinstance(err, DataError) and err.path == "/a/b.png" and str(err) == "/a/b.png: cannot decode image"
+
+
+def test_list_files_keeps_the_form_of_the_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.write_text("rel/dir/x.txt", "x")
+    assert storage.list_files("rel") == ["rel/dir/x.txt"]
+    assert storage.list_files(f"file://{tmp_path}/rel") == [f"file://{tmp_path}/rel/dir/x.txt"]
+    assert storage.read_text(storage.list_files("rel")[0]) == "x"

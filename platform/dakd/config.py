@@ -9,18 +9,30 @@ ConfigError naming the field and what was expected.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dakd.errors import ConfigError
 
 
 class Strict(BaseModel):
-    """Base: unknown keys are errors; assignments are validated."""
+    """Base: unknown keys are errors; assignments and defaults are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+def _absolute(uri: str) -> str:
+    """Local paths become absolute (Ray workers run in other directories); URIs with a
+    scheme (s3://, file://, models:/) stay as they are."""
+    if "://" in uri or uri.startswith("models:/"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+# A storage location in config: a local path (made absolute), file://, s3://, or models:/.
+Location = Annotated[str, AfterValidator(_absolute)]
 
 
 # ---------------------------------------------------------------- shared sections
@@ -48,7 +60,7 @@ class SourceConfig(Strict):
     """A data source: `kind` picks the reader; `root` is a path or URI (not for procedural)."""
 
     kind: Literal["procedural", "osd", "sos", "folder"] = "procedural"
-    root: str | None = None
+    root: Location | None = None
     splits: list[str] = Field(default_factory=lambda: ["train", "test"])
     sensors: list[Literal["palsar", "sentinel"]] = Field(default_factory=lambda: ["palsar", "sentinel"])
     # folder reader: the split its files belong to, and an optional RGB palette
@@ -75,7 +87,7 @@ class IngestConfig(Strict):
     """`dakd ingest`: a source -> a Parquet shard set at `output`."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
-    output: str = "runs/demo/real"
+    output: Location = "runs/demo/real"
     rows_per_file: int = Field(256, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     overwrite: bool = False
@@ -85,7 +97,7 @@ class IngestConfig(Strict):
 class BalanceConfig(Strict):
     """`dakd balance`: b = sqrt(P(x0) / P(y0)) over one split of a shard set."""
 
-    shards: str = "runs/demo/real"
+    shards: Location = "runs/demo/real"
     split: str = "train"
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -128,11 +140,11 @@ class JointNetStages(Strict):
 class TrainJointNetConfig(Strict):
     """`dakd train-jointnet`: SAR-JointNet in three stages on Ray Train (DDP)."""
 
-    shards: str = "runs/demo/real"
-    output: str = "runs/demo/jointnet"
+    shards: Location = "runs/demo/real"
+    output: Location = "runs/demo/teacher"
     run_name: str = "jointnet"
     run_stages: list[Literal[1, 2, 3]] = Field(default_factory=lambda: [1, 2, 3])
-    init_checkpoint: str | None = None
+    init_checkpoint: Location | None = None
     model: JointNetModelConfig = Field(default_factory=JointNetModelConfig)
     stages: JointNetStages = Field(default_factory=JointNetStages)
     num_train_timesteps: int = Field(1000, ge=2)
@@ -180,8 +192,8 @@ class TrainJointNetConfig(Strict):
 class SampleConfig(Strict):
     """`dakd sample`: N samples from a SAR-JointNet checkpoint to a PNG grid."""
 
-    checkpoint: str = "runs/demo/jointnet/latest"
-    output: str = "runs/demo/samples.png"
+    checkpoint: Location = "runs/demo/teacher/jointnet-tiny"
+    output: Location = "runs/demo/samples.png"
     count: int = Field(8, ge=1)
     sampler: Literal["ddim", "dpmsolver++"] = "ddim"
     steps: int = Field(200, ge=1)
@@ -198,15 +210,15 @@ class SynthesizeConfig(Strict):
     [k*R, (k+1)*R)); each range is one Parquet object written by one actor call.
     """
 
-    teacher: str = "runs/demo/jointnet/jointnet"
-    output: str = "runs/demo/synthetic"
+    teacher: Location = "runs/demo/teacher/jointnet-tiny"
+    output: Location = "runs/demo/synthetic"
     count: int = Field(4480, ge=1, description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS)")
     sampler: Literal["ddim", "dpmsolver++"] = "ddim"
     steps: int = Field(200, ge=1)
     seed: int = 0
     ema: bool = True
     size: int | None = Field(None, ge=8, description="None: the teacher's training crop size")
-    real: str | None = Field(None, description="a real shard set whose class count the teacher must match")
+    real: Location | None = Field(None, description="a real shard set whose class count the teacher must match")
     rows_per_file: int = Field(64, ge=1)
     # exact: the teacher runs one sample per forward pass, so a stored sample is bit-identical
     # whatever N, batch_size or actor; false: batch_size samples per forward (faster on GPUs,
@@ -239,12 +251,12 @@ class EvaluateSynthesisConfig(Strict):
     images uint8 (B, H, W) -> features (B, D), or (features, class probabilities (B, K))).
     """
 
-    synthetic: str = "runs/demo/synthetic"
+    synthetic: Location = "runs/demo/synthetic"
     synthetic_split: str = "train"
-    real: str = "runs/demo/real"
+    real: Location = "runs/demo/real"
     real_split: str = "train"
     features: str = Field("inception", pattern=r"^(inception|pixels|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
-    inception_weights: str | None = Field(None, description="InceptionV3 weights file (torchvision layout; .safetensors or .pth)")
+    inception_weights: Location | None = Field(None, description="InceptionV3 weights file (torchvision layout; .safetensors or .pth)")
     pixels_size: int = Field(8, ge=1)
     is_splits: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -262,7 +274,7 @@ class SarossModelConfig(Strict):
     licence); resnet34 is the unencumbered ablation encoder."""
 
     encoder: str = "mambavision_b"
-    pretrained: str | None = None
+    pretrained: Location | None = None
     decoder_channels: list[int] = Field(default_factory=lambda: [64, 128, 256])
     skip_module: Literal["caft", "conv3x3", "none"] = "caft"
     caft_heads: int = Field(4, ge=1)
@@ -283,9 +295,9 @@ class TrainSarossConfig(Strict):
     """`dakd train-saross`: SAROSS-Net on real crops + synthetic 2x2 mosaics (DAKD) on Ray Train.
     Paper: 200 epochs, batch 16, AdamW lr 5e-5, 512 crops (OSD; SOS 256)."""
 
-    shards: str = "runs/demo/real"
-    synthetic: str | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
-    output: str = "runs/demo/saross"
+    shards: Location = "runs/demo/real"
+    synthetic: Location | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
+    output: Location = "runs/demo/student"
     run_name: str = "saross"
     model: SarossModelConfig = Field(default_factory=SarossModelConfig)
     loss: SarossLossConfig = Field(default_factory=SarossLossConfig)
@@ -333,10 +345,10 @@ class TrainSarossConfig(Strict):
 class EvaluateConfig(Strict):
     """`dakd evaluate`: a SAROSS-Net checkpoint on a shard set's split at full resolution."""
 
-    checkpoint: str = "runs/demo/saross/saross"
-    shards: str = "runs/demo/real"
+    checkpoint: Location = "runs/demo/student/soft"
+    shards: Location = "runs/demo/real"
     split: str = "test"
-    output: str = "runs/demo/eval"
+    output: Location = "runs/demo/eval"
     name: str | None = Field(None, description="row name in the table (default: the checkpoint's run name)")
     overlay_count: int = Field(4, ge=0)
     batch_size: int = Field(1, ge=1)
@@ -351,9 +363,9 @@ class EvaluateConfig(Strict):
 class PredictConfig(Strict):
     """`dakd predict`: batch inference over a folder or bucket of images -> mask PNGs + class areas."""
 
-    model: str = Field("runs/demo/saross/saross", description="checkpoint URI, run dir, or models:/<name>/<version>")
-    input: str = "runs/demo/predict-in"
-    output: str = "runs/demo/predict"
+    model: Location = Field("runs/demo/student/soft", description="checkpoint URI, run dir, or models:/<name>/<version>")
+    input: Location = "runs/demo/predict-in"
+    output: Location = "runs/demo/predict"
     pixel_size_m: float | None = Field(None, gt=0, description="ground size of a pixel (m); adds km² areas")
     batch_size: int = Field(1, ge=1)
     actors: int = Field(1, ge=1)
@@ -376,7 +388,7 @@ class PipelineConfig(Strict):
     that job's own config; the pipeline sets its input/output locations (under `output`),
     `ray` and `tracking`, so those fields in the sections are ignored."""
 
-    output: str = "runs/demo"
+    output: Location = "runs/demo"
     stages: list[PipelineStage] = Field(default_factory=lambda: list(PIPELINE_STAGES))
     source: SourceConfig = Field(default_factory=SourceConfig)
     rows_per_file: int = Field(256, ge=1)

@@ -19,6 +19,9 @@ class DataError(DakdError):
         self.reason = message
         super().__init__(f"{path}: {message}")
 
+    def __reduce__(self):  # survives pickling between Ray processes
+        return (type(self), (self.path, self.reason))
+
 
 class StorageError(DakdError):
     """A storage URI cannot be read or written."""

@@ -21,8 +21,7 @@ def init_ray(cfg: RayConfig):
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        # Keep a local Ray on 127.0.0.1 (DESIGN.md "Ray and addresses").
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # dakd/__init__.py keeps it on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
         log.info("starting a local Ray (%d logical CPUs)", cfg.local_num_cpus)
         ray.init(
             address="local",  # a new local Ray even when another one runs on this machine

@@ -129,14 +129,16 @@ def is_dir(uri: str) -> bool:
 
 
 def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """Sorted URIs of the files under a directory URI ([] if it does not exist)."""
+    """Sorted URIs of the files under a directory URI ([] if it does not exist), written
+    in the same form as `uri` (relative, absolute, file:// or s3://), so they can be
+    compared with `join_uri(uri, ...)`."""
     loc = resolve(uri)
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True))
     except OSError as exc:
         raise _wrap(loc, "list", exc) from exc
-    prefix = "s3://" if loc.scheme == "s3" else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+    base = str(uri).rstrip("/")
+    return sorted(join_uri(base, posixpath.relpath(i.path, loc.path)) for i in infos if i.type == pafs.FileType.File)
 
 
 def read_bytes(uri: str) -> bytes:
