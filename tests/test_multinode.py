@@ -1,0 +1,396 @@
+"""End to end on a real multi-node Ray cluster on 127.0.0.1, driven like a real cluster.
+
+The local stack comes from `infra/local/up` (moto S3 server + MLflow server with its
+artifacts on that S3; no Ray head). The cluster is Ray's own multi-node harness
+(`ray.cluster_utils.Cluster`): a head with its dashboard / job API and worker nodes, all on
+127.0.0.1, token authentication on (RAY_AUTH_MODE=token, token in ~/.ray/auth_token).
+Jobs go in through the real `ray job submit` CLI with `--working-dir .` and the
+`cluster/runtime_env/dev.json` runtime env. The nodes get the S3 credentials from their
+environment (as pods get them from a Secret), and the secret is a marker that no output may
+contain.
+
+Node layout: head 3 CPUs, worker 2 CPUs; Train workers ask for 2 CPUs each, so one fits on
+each node (training must use both) and one head CPU stays free for the Ray Data tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "dakd-e2e"
+MARKER = "dakd-marker-" + uuid.uuid4().hex  # the S3 secret; must appear in no output
+PREFIX = f"s3://{BUCKET}/e2e-{uuid.uuid4().hex[:8]}"
+MB = 1024 * 1024
+
+pytestmark = pytest.mark.slow
+
+TINY_JOINTNET = [
+    "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
+    "model.norm_num_groups=4", "model.attention_head_dim=4", "num_train_timesteps=100", "crop_size=32",
+    "batch_size_per_worker=4", "num_workers=2", "cpus_per_worker=2", "log_every=2", "sample_count=2",
+    "sample_steps=2", "ema_decay=0.9",
+]
+
+
+def _sets(prefix: str, items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", prefix + s)]
+
+
+# The cluster runs in a helper process (it owns the Node objects for add/remove) that takes
+# commands on stdin and answers one JSON line. Every node gets its own runtime_env folder:
+# nodes of one machine otherwise share <session>/runtime_resources, and when one node's agent
+# drops its last reference to the job's --working-dir package it deletes the folder that is
+# still the driver's cwd on the head (the job then dies, e.g. "Intel oneMKL FATAL ERROR:
+# Cannot load .../libtorch_cpu.so" or FileNotFoundError from os.getcwd()).
+CLUSTER_HELPER = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+from ray._private.authentication.authentication_token_setup import _enable_token_auth
+_enable_token_auth()  # RAY_AUTH_MODE=token is in the environment; make this process's config see it
+port, agent_port = int(sys.argv[1]), int(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 3, "object_store_memory": 150 * 2**20, "include_dashboard": True,
+    "dashboard_host": "127.0.0.1", "dashboard_port": port, "dashboard_agent_listen_port": agent_port,
+    "runtime_env_dir_name": "runtime_resources_head"})
+nodes = {cluster.head_node.node_id: cluster.head_node}
+print(json.dumps({"head": cluster.head_node.node_id, "session": cluster.head_node.get_session_dir_path()}), flush=True)
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "add":
+        node = cluster.add_node(num_cpus=int(arg), object_store_memory=120 * 2**20,
+                                runtime_env_dir_name=f"runtime_resources_{len(nodes)}")
+        cluster.wait_for_nodes()
+        nodes[node.node_id] = node
+        print(json.dumps({"node": node.node_id}), flush=True)
+    elif cmd == "remove":
+        cluster.remove_node(nodes.pop(arg), allow_graceful=False)
+        print(json.dumps({"removed": arg}), flush=True)
+    elif cmd == "shutdown":
+        break
+cluster.shutdown()
+"""
+
+
+class ClusterProcess:
+    """`ray.cluster_utils.Cluster` in a helper process: head (3 CPUs, dashboard) + add/remove nodes."""
+
+    def __init__(self, dashboard_port: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", CLUSTER_HELPER, str(dashboard_port), str(free_port())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hello = self._answer()
+        self.head, self.session_dir = hello["head"], hello["session"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, f"cluster helper exited ({self.proc.poll()})"
+        return json.loads(line)
+
+    def _send(self, text: str) -> dict:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def add_node(self, cpus: int) -> str:
+        return self._send(f"add {cpus}")["node"]
+
+    def remove_node(self, node_id: str) -> None:
+        """Kill every process of a worker node (no graceful shutdown)."""
+        self._send(f"remove {node_id}")
+
+    def shutdown(self) -> None:
+        try:
+            self.proc.stdin.write("shutdown 0\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """infra/local/up (services only) + a 2-node Ray cluster with the dashboard; yields a dict."""
+
+    state = tmp_path_factory.mktemp("local")
+    # The stack's credentials file: its secret is the marker (moto accepts any credentials).
+    (state / "credentials").write_text(f"AWS_ACCESS_KEY_ID=dakd-e2e\nAWS_SECRET_ACCESS_KEY={MARKER}\n")
+    for attempt in range(3):  # a free port can be taken by another process before the server binds it
+        up_env = {**os.environ, "DAKD_LOCAL_DIR": str(state), "DAKD_S3_PORT": str(free_port()),
+                  "DAKD_MLFLOW_PORT": str(free_port()), "DAKD_BUCKET": BUCKET, "DAKD_LOCAL_RAY": "0",
+                  "PYTHON": sys.executable}
+        up = subprocess.run([str(REPO / "infra/local/up")], env=up_env, capture_output=True, text=True, timeout=240)
+        if up.returncode == 0:
+            break
+        subprocess.run([str(REPO / "infra/local/down")], env=up_env, capture_output=True, timeout=120)
+        logs = "".join(f.read_text() for f in state.glob("*.log"))
+        if "address already in use" not in logs or attempt == 2:
+            raise AssertionError(up.stderr[-3000:] + logs[-3000:])
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
+                    if line.startswith("export "))
+    assert exported["AWS_SECRET_ACCESS_KEY"] == MARKER and exported["RAY_AUTH_MODE"] == "token"
+
+    saved = dict(os.environ)
+    os.environ.update(exported)
+    os.environ["PATH"] = f"{BIN}:{os.environ['PATH']}"  # the job's `python` is the venv's
+    os.environ.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
+    # The job/state API clients in this process send the token once Ray's cached config says
+    # token mode (set after import, so refresh it exactly as ray.init() does for a new cluster).
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()
+    dashboard_port = free_port()
+    cluster = ClusterProcess(dashboard_port)
+    info = {"cluster": cluster, "head": cluster.head, "worker": cluster.add_node(2),
+            "url": f"http://127.0.0.1:{dashboard_port}", "state": state,
+            "mlflow": exported["MLFLOW_TRACKING_URI"], "jobs": [], "outputs": []}
+    try:
+        yield info
+    finally:
+        cluster.shutdown()
+        subprocess.run([str(REPO / "infra/local/down")], env=up_env, capture_output=True, timeout=120)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def submit(stack: dict, entrypoint: list[str], *, wait: bool = True, runtime_env: dict | None = None,
+           timeout: float = 300) -> tuple[int, str, str]:
+    """`ray job submit --working-dir .` (retried while the job agent is not up yet).
+    Returns (exit code, submission id, captured output)."""
+    env_json = json.loads((REPO / "cluster/runtime_env/dev.json").read_text())
+    for k, v in (runtime_env or {}).items():
+        env_json[k] = {**env_json.get(k, {}), **v} if isinstance(v, dict) else v
+    deadline = time.time() + 90
+    while True:
+        sub_id = f"dakd-{uuid.uuid4().hex[:10]}"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", stack["url"], "--submission-id", sub_id,
+               "--working-dir", ".", "--runtime-env-json", json.dumps(env_json),
+               *([] if wait else ["--no-wait"]), "--", *entrypoint]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        out = r.stdout + r.stderr
+        if "No available agent" in out and time.time() < deadline:
+            time.sleep(2)
+            continue
+        stack["jobs"].append(sub_id)
+        print(f"[{sub_id}] exit {r.returncode}: {' '.join(entrypoint)[:160]}", flush=True)
+        return r.returncode, sub_id, out
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"ok"' in line:
+            return json.loads(line)
+    raise AssertionError(f"no JSON summary in the job output:\n{text[-3000:]}")
+
+
+def job_client(stack: dict):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(stack["url"])
+
+
+def train_worker_nodes(stack: dict, sub_id: str) -> set[str]:
+    """Node ids of every RayTrainWorker actor (alive or dead) of one submitted job."""
+    from ray.util.state import list_actors
+
+    job_id = job_client(stack).get_job_info(sub_id).job_id
+    if job_id is None:  # the driver never connected to Ray
+        return set()
+    actors = list_actors(address=stack["url"], filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)],
+                         detail=True, limit=1000, raise_on_missing_output=False)
+    return {a.node_id for a in actors}
+
+
+def s3_keys(prefix: str) -> list[str]:
+    import boto3
+
+    bucket, _, key = prefix.removeprefix("s3://").partition("/")
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+    return [o["Key"] for p in pages for o in p.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(stack):
+    """The pipeline (ingest, balance, train-jointnet) submitted with `ray job submit`."""
+    out = f"{PREFIX}/demo"
+    stack["outputs"].append(out)
+    t0 = time.time()
+    rc, sub_id, text = submit(stack, [
+        "python", "jobs/pipeline.py", "--config", "jobs/configs/demo.yaml", "--output", out,
+        "--set", "stages=[ingest, balance, train-jointnet]",
+        "--set", "source.procedural.splits={train: 16, test: 4}", "--set", "source.procedural.height=32",
+        "--set", "source.procedural.width=32", "--set", "rows_per_file=8", "--set", "jointnet.run_name=teacher",
+        *_sets("jointnet.", TINY_JOINTNET),
+        "--set", "jointnet.stages={stage1: {iterations: 4, lr: 0.003}, stage2: {iterations: 4, lr: 0.003}, "
+                 "stage3: {iterations: 2, lr: 0.001}}",
+        "--set", "jointnet.checkpoint_every=5", "--json"])
+    print(f"pipeline job: {time.time() - t0:.0f} s", flush=True)
+    assert rc == 0, text[-5000:]
+    return sub_id, last_json(text), text
+
+
+def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
+    import boto3
+    import mlflow
+
+    from dakd import storage
+    from dakd.data.shards import open_shard_set
+    from dakd.train.checkpoint import read_state
+
+    sub_id, summary, _ = pipeline_run
+    assert summary["ok"] and summary["output"] == f"{PREFIX}/demo"
+    # Shards where the summary says: every listed file exists; counts as configured.
+    real = summary["stages"]["ingest"]["output"]
+    assert real.startswith(PREFIX)
+    shard_set = open_shard_set(real)
+    assert {s: e["count"] for s, e in shard_set.manifest["splits"].items()} == {"train": 16, "test": 4}
+    for split in ("train", "test"):
+        files = shard_set.files(split)
+        assert files and all(storage.exists(f) for f in files)
+        assert sum(1 for _ in shard_set.iter_records(split)) == shard_set.manifest["splits"][split]["count"]
+    assert shard_set.manifest["balance"]["b"] == pytest.approx(summary["stages"]["balance"]["b"])
+    # The teacher checkpoint: on S3, all 10 configured steps, all three stages.
+    teacher = summary["stages"]["train-jointnet"]
+    assert teacher["checkpoint"].startswith(PREFIX) and teacher["steps"] == 4 + 4 + 2
+    state = read_state(teacher["checkpoint"])
+    assert state["step"] == 10 and state["stages_completed"] == [1, 2, 3]
+    # Training used Train workers on both nodes.
+    nodes = train_worker_nodes(stack, sub_id)
+    assert nodes == {stack["head"], stack["worker"]}, nodes
+    # MLflow: the parent run and the teacher's run on the tracking server, metrics logged,
+    # the final sample grid stored through the server on the S3 bucket.
+    client = mlflow.MlflowClient(tracking_uri=stack["mlflow"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    train_run = client.get_run(teacher["mlflow_run_id"])
+    assert train_run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")]
+    assert max(steps) == 10
+    grids = [a.path for a in client.list_artifacts(train_run.info.run_id, "samples")]
+    assert grids, "the final sample grid is logged"
+    stored = s3_keys(f"s3://{BUCKET}/mlflow")
+    assert any(k.endswith(grids[-1]) for k in stored), (grids, stored[:20])
+    assert boto3  # the S3 listing above used boto3 with the stack's environment
+
+
+def test_worker_node_lost_during_training_resumes(stack, pipeline_run):
+    """(a) The node of one Train worker is killed after the first checkpoint: Ray Train
+    restarts the group from that checkpoint on the remaining nodes and finishes all steps."""
+    from ray.job_submission import JobStatus
+
+    from dakd.train.checkpoint import read_state
+
+    real = pipeline_run[1]["stages"]["ingest"]["output"]
+    out = f"{PREFIX}/fault-a"
+    stack["outputs"].append(out)
+    rc, sub_id, text = submit(stack, [
+        "python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, "--set", "run_name=nodeloss",
+        *_sets("", TINY_JOINTNET), "--set", "run_stages=[1, 2]",
+        "--set", "stages={stage1: {iterations: 8, lr: 0.003}, stage2: {iterations: 16, lr: 0.003}}",
+        "--set", "checkpoint_every=4", "--set", "max_failures=2", "--set", "cache_dataset=false",
+        "--set", "tracking.enabled=false", "--json"], wait=False)
+    assert rc == 0, text[-3000:]
+    client = job_client(stack)
+    # Wait for the first checkpoint on S3, then lose the worker node (its processes killed).
+    deadline = time.time() + 240
+    while not [k for k in s3_keys(f"{out}/nodeloss/") if k.endswith("state.json")]:
+        assert client.get_job_status(sub_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(sub_id)[-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.5)
+    lost = stack["worker"]
+    assert lost in train_worker_nodes(stack, sub_id)
+    stack["worker"] = stack["cluster"].add_node(2)  # the remaining resources: head + this node
+    stack["cluster"].remove_node(lost)
+    print("worker node removed; waiting for the job", flush=True)
+    while client.get_job_status(sub_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline + 120, "job did not finish"
+        time.sleep(1)
+    logs = client.get_job_logs(sub_id)
+    assert client.get_job_status(sub_id) == JobStatus.SUCCEEDED, logs[-5000:]
+    summary = last_json(logs)
+    assert summary["steps"] == 24 and summary["stages_completed"] == [1, 2]
+    state = read_state(summary["checkpoint"])
+    assert state["step"] == 24 and 0 < state["attempt_start_step"] < 24 and state["attempt_start_step"] % 4 == 0
+    assert f"resumed from step {state['attempt_start_step']}/24" in logs
+    assert stack["worker"] in train_worker_nodes(stack, sub_id)  # restarted on the remaining nodes
+
+
+def test_s3_endpoint_down_at_start_is_a_clear_error(stack):
+    """(d) The object store does not answer: the job exits 2 with a message naming the URI."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = f"{PREFIX}/s3-down"
+    rc, sub_id, text = submit(stack, ["python", "jobs/pipeline.py", "--output", out, "--set", "tracking.enabled=false",
+                                      "--set", "stages=[ingest]", "--json"],
+                              runtime_env={"env_vars": {"AWS_ENDPOINT_URL": dead}})
+    assert rc != 0
+    summary = last_json(text)
+    assert summary["ok"] is False and out in summary["error"] and "127.0.0.1" in summary["error"]
+    assert f"dakd pipeline: error: {out}" in text and "Traceback" not in text
+    assert "exit code 2" in job_client(stack).get_job_info(sub_id).message
+    assert s3_keys(out + "/") == []
+
+
+def test_mlflow_down_at_start_is_a_clear_error_before_compute(stack, pipeline_run):
+    """(c, first half) The tracking server is down when the job starts: a clear error, and no
+    training (no Train worker, nothing written)."""
+    real = pipeline_run[1]["stages"]["ingest"]["output"]
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = f"{PREFIX}/mlflow-down"
+    rc, sub_id, text = submit(stack, ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out,
+                                      *_sets("", TINY_JOINTNET), "--set", f"tracking.uri={dead}", "--json"])
+    assert rc != 0
+    summary = last_json(text)
+    assert summary["ok"] is False and f"MLflow tracking at {dead} is not reachable" in summary["error"]
+    assert "Traceback" not in text
+    assert job_client(stack).get_job_info(sub_id).job_id is None  # the driver never even connected to Ray
+    assert train_worker_nodes(stack, sub_id) == set()
+    assert s3_keys(out + "/") == []
+
+
+def test_no_output_contains_the_secret(stack, pipeline_run):
+    """The S3 secret (a marker) is in every node's environment: it must not appear in shards,
+    manifests, checkpoints, MLflow params/tags/metrics/artifacts, job summaries or logs."""
+    import boto3
+    import mlflow
+    import pyarrow.parquet as pq
+    import io
+
+    secret = MARKER.encode()
+    s3 = boto3.client("s3")
+    keys = s3_keys(f"s3://{BUCKET}/")
+    assert any(k.endswith(".parquet") for k in keys) and any(k.endswith("state.json") for k in keys)
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert secret not in body, key
+        if key.endswith(".parquet"):  # compressed pages: look at the decoded values and metadata
+            table = pq.read_table(io.BytesIO(body))
+            assert MARKER not in str(table.schema.metadata) and MARKER not in str(table.drop_columns(
+                [c for c in ("image", "mask", "logits") if c in table.column_names]).to_pylist()), key
+    client = mlflow.MlflowClient(tracking_uri=stack["mlflow"])
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert runs
+    for run in runs:
+        text = json.dumps([run.data.params, run.data.tags, run.data.metrics, run.info.artifact_uri])
+        assert MARKER not in text, run.info.run_id
+    assert secret not in (stack["state"] / "mlflow.db").read_bytes()
+    jobs = job_client(stack)
+    for sub_id in stack["jobs"]:
+        assert MARKER not in jobs.get_job_logs(sub_id), sub_id
+        assert MARKER not in json.dumps(jobs.get_job_info(sub_id).metadata or {}), sub_id
+    assert MARKER not in pipeline_run[2]  # what `ray job submit` printed
+    session_logs = Path(stack["cluster"].session_dir) / "logs"
+    for f in session_logs.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50 * MB:
+            assert secret not in f.read_bytes(), f
