@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dakd.cli import JOB_HELP, main
-from dakd.config import IngestConfig, PipelineConfig, TrainJointNetConfig, TrainSarossConfig, load_config, parse_override
+from dakd.config import IngestConfig, PipelineConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig, load_config, parse_override
 from dakd.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def test_override_parsing():
         parse_override("novalue")
 
 
-PRESET_MODELS = {"ingest": IngestConfig, "jointnet": TrainJointNetConfig, "saross": TrainSarossConfig, "demo": PipelineConfig,
+PRESET_MODELS = {"ingest": IngestConfig, "jointnet": TrainJointNetConfig, "saross": TrainSarossConfig, "tune": TuneConfig, "demo": PipelineConfig,
                  "pipeline": PipelineConfig}
 
 

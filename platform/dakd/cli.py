@@ -30,6 +30,7 @@ RUNNERS = {
     "train-saross": "dakd.train.saross:run_train_saross",
     "evaluate": "dakd.eval.evaluate:run_evaluate",
     "predict": "dakd.predict:run_predict",
+    "tune": "dakd.tune.sweep:run_tune",
 }
 
 
@@ -49,6 +50,7 @@ JOB_HELP = {
     "train-saross": "train the SAROSS-Net student (real-only, hard or soft DAKD) on Ray Train; best checkpoint by val mIoU",
     "evaluate": "evaluate a SAROSS-Net checkpoint at full resolution: confusion matrix, IoU, mIoU, F1, P, R, accuracy",
     "predict": "batch-segment a folder or bucket of images with Ray Data: coloured masks + class areas (Parquet, CSV)",
+    "tune": "Ray Tune sweep (ASHA) over any config field of the student or teacher; every trial an MLflow child run",
 }
 
 # Flags that are shorthands for --set, offered by every job whose config has the field.

@@ -377,6 +377,41 @@ class PredictConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+# ---------------------------------------------------------------- sweeps (issue: Ray Tune)
+class TuneConfig(Strict):
+    """`dakd tune`: a Ray Tune sweep (ASHA) whose trials are Ray Train runs, each tracked in MLflow.
+
+    level "student": each trial trains SAROSS-Net (`student`) on its fixed synthetic set.
+    level "teacher": each trial trains SAR-JointNet (`teacher`), synthesises a set
+    (`synthesize`) and trains the student on it; the objective is the student's metric.
+    `space` maps a dotted config path, starting with the section it sets (`student.`,
+    `teacher.`, `synthesize.`), to one of {grid: [v, ...]}, {choice: [v, ...]},
+    {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded).
+    """
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="re-running a name resumes it")
+    output: Location = "runs/demo/tune"
+    level: Literal["student", "teacher"] = "student"
+    space: dict[str, dict[str, list]] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1, description="samples of the random dimensions per grid point")
+    metric: Literal["val/miou", "loss"] = "val/miou"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs/GPUs hold")
+    driver_cpus: float = Field(0.05, gt=0, description="CPUs of a trial's driver function (its Train workers reserve their own)")
+    data_cpus: float = Field(1.0, ge=0, description="CPUs left free for the Ray Data tasks feeding the trials")
+    max_failures: int = Field(0, ge=0, description="retries of a failed trial (its Train run resumes from its checkpoint)")
+    resume_errored: bool = Field(True, description="on resume, run errored trials again (same trial id: their runs continue from their checkpoints)")
+    seed: int = 0
+    student: TrainSarossConfig = Field(default_factory=TrainSarossConfig)
+    teacher: TrainJointNetConfig = Field(default_factory=TrainJointNetConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 PIPELINE_STAGES = ("ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis", "train-saross",
                    "evaluate")
 PipelineStage = Literal["ingest", "balance", "train-jointnet", "synthesize", "evaluate-synthesis", "train-saross",
@@ -425,6 +460,7 @@ JOB_CONFIGS: dict[str, type[Strict]] = {
     "train-saross": TrainSarossConfig,
     "evaluate": EvaluateConfig,
     "predict": PredictConfig,
+    "tune": TuneConfig,
 }
 
 

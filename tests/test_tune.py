@@ -1,0 +1,234 @@
+"""`dakd tune` on a real local Ray cluster and a real MLflow server: Ray Tune trials that
+each run Ray Train jobs (student sweep: 2 T x 2 λ_kd; teacher sweep: 2 b values), ASHA
+stopping a trial that must be stopped, resume of a finished sweep without re-running
+trials, and bad input refused before any trial."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import uuid
+
+import pytest
+
+from dakd.config import IngestConfig, ProceduralSource, SourceConfig, TrainSarossConfig, TuneConfig, load_config
+from dakd.data import shards
+from dakd.data.ingest import run_ingest
+from dakd.errors import ConfigError
+from dakd.tracking import TrackingError
+from dakd.tune.space import parse_space
+from dakd.tune.sweep import run_tune
+from test_synthesize import TINY_TEACHER
+from test_train_saross import write_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDENT = ["model.encoder=resnet18", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
+           "global_batch_size=4", "num_workers=1", "lr=0.002", "log_every=100", "overlay_count=0", "max_failures=0",
+           "epochs=1", "cache_dataset=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    base = tmp_path_factory.mktemp("tune")
+    real = str(base / "real")
+    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 8, "test": 2}, height=64,
+                                                                           width=64, seed=3)), output=real, rows_per_file=4))
+    syn = str(base / "syn")
+    write_synthetic(syn, shards.open_shard_set(real))
+    return {"real": real, "syn": syn, "base": base}
+
+
+def tune_config(data, output: str, space: str, *extra: str) -> TuneConfig:
+    return load_config(TuneConfig, None, [f"student.shards={data['real']}", f"student.synthetic={data['syn']}",
+                                          *[f"student.{s}" for s in STUDENT], f"output={output}", f"space={space}",
+                                          "max_concurrent_trials=2", *extra])
+
+
+def mlflow_runs(uri: str, experiment: str) -> tuple:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("dakd.job") == "tune"]
+    return client, parents, runs
+
+
+def test_student_sweep_four_trials_mlflow_best_config_and_resume(data, tmp_path, mlflow_server):
+    exp = f"tune-{uuid.uuid4().hex[:6]}"
+    space = "{student.loss.temperature: {grid: [1.0, 3.0]}, student.loss.lambda_kd: {grid: [0.1, 0.5]}}"
+    cfg = tune_config(data, str(tmp_path / "sweeps"), space, "name=kd", f"tracking.uri={mlflow_server}",
+                      f"tracking.experiment={exp}", "student.output=runs/mine", "student.run_name=best-student")
+    summary = run_tune(cfg)
+    assert summary["trials"] == 4 and summary["completed"] == 4 and not summary["resumed"]
+
+    client, parents, runs = mlflow_runs(mlflow_server, exp)
+    assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow_run_id"]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5
+    # each child: the trial's values as params, one val/miou per epoch, tagged with its trial
+    pairs, miou = set(), {}
+    for run in children:
+        p = run.data.params
+        pairs.add((float(p["loss.temperature"]), float(p["loss.lambda_kd"])))
+        hist = client.get_metric_history(run.info.run_id, "val/miou")
+        assert [m.step for m in hist] == [1]
+        miou[run.data.tags["dakd.tune.trial_id"]] = hist[0].value
+        assert run.info.status == "FINISHED" and run.data.tags["dakd.tune.status"] == "completed"
+    assert pairs == set(itertools.product([1.0, 3.0], [0.1, 0.5]))
+    table = {r["trial_id"]: r for r in summary["table"]}
+    assert set(table) == set(miou)
+    for trial_id, value in miou.items():  # Tune's view (from the workers' reports) = MLflow's
+        assert table[trial_id]["best val/miou"] == pytest.approx(value)
+    best_id = max(miou, key=miou.get)
+    assert miou[summary["best"]["trial_id"]] == miou[best_id]
+
+    # the best config: `dakd train-saross --config` input, the user's base + the best trial's values
+    best = load_config(TrainSarossConfig, summary["best_config"])
+    row = table[summary["best"]["trial_id"]]
+    assert best.loss.temperature == row["student.loss.temperature"] and best.loss.lambda_kd == row["student.loss.lambda_kd"]
+    assert best.output == os.path.abspath("runs/mine") and best.run_name == "best-student" and best.tracking.parent_run_id is None
+    assert best.model.encoder == "resnet18" and best.crop_size == 32
+    # the parent run: summary table, best config and the plot
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "best_student.yaml", "metric_vs_params.png"} <= arts
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "sweeps" / "kd" / "summary.csv").read_text())))
+    assert sorted(r["trial_id"] for r in rows) == sorted(miou)
+    png = (tmp_path / "sweeps" / "kd" / "metric_vs_params.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get_run(parent.info.run_id).data.metrics["best.val/miou"] == pytest.approx(miou[best_id])
+
+    # re-running the same sweep resumes it: no trial runs again
+    checkpoints = sorted(str(p) for p in (tmp_path / "sweeps" / "kd" / "trials").glob("*/student/checkpoint_*"))
+    again = run_tune(cfg)
+    assert again["resumed"] and again["trials"] == 4 and {r["trial_id"] for r in again["table"]} == set(miou)
+    _, parents2, runs2 = mlflow_runs(mlflow_server, exp)
+    assert len(parents2) == 1 and len(runs2) == 5
+    for run in runs2:
+        if run.info.run_id != parent.info.run_id:
+            assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 1
+    assert sorted(str(p) for p in (tmp_path / "sweeps" / "kd" / "trials").glob("*/student/checkpoint_*")) == checkpoints
+    # the same name with another space is refused, not mixed into the sweep
+    other = tune_config(data, str(tmp_path / "sweeps"), "{student.loss.temperature: {grid: [5.0]}}", "name=kd",
+                        f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
+    with pytest.raises(ConfigError, match="sweep 'kd' .* different space"):
+        run_tune(other)
+
+
+def test_asha_stops_a_trial_that_cannot_compete(data, tmp_path, mlflow_server):
+    """Objective: the epoch's training loss (min). λ_ce = 100 multiplies the CE term (about 1.6
+    at the start) by 100, so after one epoch its loss is far above the λ_ce = 1 trial's; the
+    trials run one after the other (λ_ce = 1 first), so at the first rung ASHA must stop it."""
+    exp = f"asha-{uuid.uuid4().hex[:6]}"
+    cfg = tune_config(data, str(tmp_path / "sweeps"), "{student.loss.lambda_ce: {grid: [1.0, 100.0]}}", "name=asha",
+                      "metric=loss", "mode=min", "grace_period=1", "student.epochs=2", "max_concurrent_trials=1",
+                      f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
+    summary = run_tune(cfg)
+    rows = {r["student.loss.lambda_ce"]: r for r in summary["table"]}
+    assert rows[1.0]["status"] == "completed" and rows[1.0]["epochs"] == 2
+    assert rows[100.0]["status"] == "stopped early" and rows[100.0]["epochs"] == 1
+    assert summary["stopped_early"] == 1 and summary["best"]["student.loss.lambda_ce"] == 1.0
+    client, _, runs = mlflow_runs(mlflow_server, exp)
+    by_lambda = {float(r.data.params["loss.lambda_ce"]): r for r in runs if "loss.lambda_ce" in r.data.params}
+    first = {k: client.get_metric_history(r.info.run_id, "train/loss") for k, r in by_lambda.items()}
+    assert first[100.0][0].value > first[1.0][0].value  # the premise: worse at the first rung
+    assert [m.step for m in first[100.0]] == [1] and [m.step for m in first[1.0]] == [1, 2]
+    stopped = client.get_run(by_lambda[100.0].info.run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags["dakd.tune.status"] == "stopped early"
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data, tmp_path, mlflow_server):
+    """One trial's synthetic set is missing on the first run, so that trial fails and the sweep
+    ends unfinished; once the set exists, re-running the sweep runs only that trial."""
+    exp = f"resume-{uuid.uuid4().hex[:6]}"
+    later = str(tmp_path / "syn-later")
+    cfg = tune_config(data, str(tmp_path / "sweeps"), f"{{student.synthetic: {{grid: ['{data['syn']}', '{later}']}}}}",
+                      "name=resume", f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
+    first = run_tune(cfg)
+    assert first["completed"] == 1 and first["error"] == 1 and not first["resumed"]
+    done = next(r for r in first["table"] if r["status"] == "completed")
+    failed = next(r for r in first["table"] if r["status"] == "error")
+    assert done["student.synthetic"] == data["syn"] and failed["student.synthetic"] == later
+    client, parents, runs = mlflow_runs(mlflow_server, exp)
+    child = {r.data.tags["dakd.tune.trial_id"]: r for r in runs if "dakd.tune.trial_id" in r.data.tags}
+    assert child[failed["trial_id"]].info.status == "FAILED"
+    trial_dir = tmp_path / "sweeps" / "resume" / "trials" / done["trial_id"] / "student"
+    checkpoints = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+
+    import shutil
+
+    shutil.copytree(data["syn"], later)
+    again = run_tune(cfg)
+    assert again["resumed"] and again["completed"] == 2 and again["error"] == 0
+    assert {r["trial_id"] for r in again["table"]} == {done["trial_id"], failed["trial_id"]}
+    assert sorted(p.name for p in trial_dir.glob("checkpoint_*")) == checkpoints  # the finished trial did not run again
+    _, _, runs2 = mlflow_runs(mlflow_server, exp)
+    assert len(runs2) == len(runs) == 3  # parent + 2 trials, none duplicated
+    assert len(client.get_metric_history(child[done["trial_id"]].info.run_id, "val/miou")) == 1
+    rerun = client.get_run(child[failed["trial_id"]].info.run_id)
+    assert rerun.info.status == "FINISHED" and [m.step for m in client.get_metric_history(rerun.info.run_id, "val/miou")] == [1]
+
+
+def test_teacher_sweep_over_b(data, tmp_path, mlflow_server):
+    exp = f"teacher-{uuid.uuid4().hex[:6]}"
+    cfg = tune_config(data, str(tmp_path / "sweeps"), "{teacher.b: {grid: [0.3, 1.0]}}", "name=b", "level=teacher",
+                      f"teacher.shards={data['real']}", *[f"teacher.{s}" for s in TINY_TEACHER if not s.startswith("tracking")],
+                      "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=8", "synthesize.actors_max=1",
+                      "synthesize.contact_sheet_count=0", "student.synthetic=null",
+                      f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
+    summary = run_tune(cfg)
+    assert summary["trials"] == 2 and summary["completed"] == 2
+    root = tmp_path / "sweeps" / "b" / "trials"
+    for row in summary["table"]:
+        trial = root / row["trial_id"]
+        manifest = shards.read_manifest(str(trial / "synthetic"))
+        state = json.loads(next((trial / "teacher").glob("checkpoint_*/state.json")).read_text())
+        assert state["b"] == row["teacher.b"]  # the trial's teacher was trained with its b ...
+        assert manifest["splits"]["train"]["count"] == 8  # ... synthesised its set ...
+        assert {r["b"] for r in shards.open_shard_set(str(trial / "synthetic")).iter_records("train")} == {row["teacher.b"]}
+        assert (trial / "student" / "best.json").exists()  # ... and trained the student on it
+    client, parents, runs = mlflow_runs(mlflow_server, exp)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    roles = sorted(r.data.tags.get("dakd.tune.role") for r in children)
+    assert roles.count("student") == 2 and roles.count("teacher") == 2
+    best = load_config(TrainSarossConfig, summary["best_config"])
+    assert best.synthetic == str(root / summary["best"]["trial_id"] / "synthetic")
+    assert (tmp_path / "sweeps" / "b" / "best_teacher.yaml").exists()
+
+
+def test_bad_input_is_refused(data, tmp_path, ray_local):
+    out = tmp_path / "bad"
+    cases = [
+        ("{student.loss.temprature: {grid: [1.0]}}", "space.student.loss.temprature: 'temprature' is not a field of TrainSarossConfig"),
+        ("{lr: {grid: [0.1]}}", "space.lr: a path must start with the section it sets, one of student."),
+        ("{teacher.b: {grid: [0.5]}}", "space.teacher.b: a path must start with .*\(level 'student'\)"),
+        ("{student.loss.temperature: {uniform: [0.0, 2.0]}}", "space.student.loss.temperature: uniform .* refused by TrainSarossConfig: loss.temperature: Input should be greater than 0"),
+        ("{student.epochs: {uniform: [1, 3]}}", "space.student.epochs: uniform .* refused .* epochs: Input should be a valid integer"),
+        ("{student.lr: {grid: [0.001, -1]}}", "space.student.lr: value -1 refused by TrainSarossConfig: lr: Input should be greater than 0"),
+        ("{student.lr: {loguniform: [0, 0.1]}}", "loguniform needs 0 < low"),
+        ("{student.seed: {randint: [5, 5]}}", "randint needs low < high"),
+        ("{student.loss.mode: {choice: [soft, fuzzy]}}", "value 'fuzzy' refused"),
+        ("{student.output: {grid: [a, b]}}", "student.output is set by the sweep"),
+        ("{student.lr: {range: [1, 2]}}", "expected one of"),
+    ]
+    for space, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_tune(tune_config(data, str(out), space, "tracking.enabled=false"))
+    ok = "{student.lr: {grid: [0.001]}}"
+    cpus = ray_local.cluster_resources()["CPU"]
+    with pytest.raises(ConfigError, match=f"one trial needs 16.05 CPUs .* the cluster has {cpus:g} CPUs"):
+        run_tune(tune_config(data, str(out), ok, "tracking.enabled=false", "student.num_workers=4",
+                             "student.cpus_per_worker=4", "max_concurrent_trials=null"))
+    with pytest.raises(TrackingError, match="not reachable"):
+        run_tune(tune_config(data, str(out), ok, "tracking.uri=http://127.0.0.1:9"))
+    assert not out.exists()  # nothing written before the checks passed
+
+
+def test_example_config_parses():
+    cfg = load_config(TuneConfig, os.path.join(REPO, "jobs", "configs", "tune_student_tiny.yaml"))
+    dims = parse_space(cfg.space, cfg.level, {"student": cfg.student, "teacher": cfg.teacher, "synthesize": cfg.synthesize})
+    assert {d.key for d in dims} >= {"student.loss.temperature", "student.loss.lambda_kd"}
