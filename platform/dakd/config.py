@@ -137,7 +137,32 @@ class JointNetStages(Strict):
     stage3: StageConfig = Field(default_factory=lambda: StageConfig(iterations=50_000, lr=1e-5))
 
 
-class TrainJointNetConfig(Strict):
+class DataParallel(Strict):
+    """Ray Train jobs: DDP workers and their batch. With `global_batch_size` set, each
+    worker takes global_batch_size / num_workers samples per step."""
+
+    batch_size_per_worker: int = Field(16, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _global_batch(self):
+        if self.global_batch_size is not None and self.global_batch_size % self.num_workers:
+            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of "
+                             f"num_workers {self.num_workers}")
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        if self.global_batch_size is not None:
+            return self.global_batch_size // self.num_workers
+        return self.batch_size_per_worker
+
+
+class TrainJointNetConfig(DataParallel):
     """`dakd train-jointnet`: SAR-JointNet in three stages on Ray Train (DDP)."""
 
     shards: Location = "runs/demo/real"
@@ -151,12 +176,6 @@ class TrainJointNetConfig(Strict):
     label_loss: Literal["ce", "mse"] = "ce"
     b: float | None = Field(None, gt=0, allow_inf_nan=False, description="None: read from the shard manifest")
     crop_size: int = Field(256, ge=8)
-    batch_size_per_worker: int = Field(16, ge=1)
-    global_batch_size: int | None = Field(None, ge=1)
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    torch_threads: int = Field(1, ge=1)
     cache_dataset: bool = Field(True, description="keep decoded shards in Ray's object store between epochs")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -174,19 +193,10 @@ class TrainJointNetConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _batch(self):
-        if self.global_batch_size is not None and self.global_batch_size % self.num_workers:
-            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of "
-                             f"num_workers {self.num_workers}")
+    def _stages(self):
         if sorted(set(self.run_stages)) != list(self.run_stages):
             raise ValueError(f"run_stages {self.run_stages}: expected increasing stage numbers, e.g. [1, 2, 3] or [2]")
         return self
-
-    @property
-    def per_worker_batch(self) -> int:
-        if self.global_batch_size is not None:
-            return self.global_batch_size // self.num_workers
-        return self.batch_size_per_worker
 
 
 class SampleConfig(Strict):
@@ -291,7 +301,7 @@ class SarossLossConfig(Strict):
     dice_eps: float = Field(1.0, ge=0)
 
 
-class TrainSarossConfig(Strict):
+class TrainSarossConfig(DataParallel):
     """`dakd train-saross`: SAROSS-Net on real crops + synthetic 2x2 mosaics (DAKD) on Ray Train.
     Paper: 200 epochs, batch 16, AdamW lr 5e-5, 512 crops (OSD; SOS 256)."""
 
@@ -312,10 +322,6 @@ class TrainSarossConfig(Strict):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    torch_threads: int = Field(1, ge=1)
     cache_dataset: bool = True
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -327,19 +333,10 @@ class TrainSarossConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _batch(self):
-        if self.global_batch_size is not None and self.global_batch_size % self.num_workers:
-            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of "
-                             f"num_workers {self.num_workers}")
+    def _crop(self):
         if self.crop_size % 32:
             raise ValueError(f"crop_size {self.crop_size}: must be a multiple of 32 (the encoder's deepest stride)")
         return self
-
-    @property
-    def per_worker_batch(self) -> int:
-        if self.global_batch_size is not None:
-            return self.global_batch_size // self.num_workers
-        return self.batch_size_per_worker
 
 
 class EvaluateConfig(Strict):
