@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dakd pipeline --config jobs/configs/demo.yaml
+	$(VENV)/bin/dakd pipeline --preset demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs tests

@@ -139,7 +139,9 @@ def test_every_entrypoint_is_a_real_job_with_valid_options():
                                           if getattr(ns, f, None) is not None]
         if ns.config:
             assert (REPO / ns.config).exists(), f"{where}: --config {ns.config} does not exist"
-        load_config(JOB_CONFIGS[job], str(REPO / ns.config) if ns.config else None, overrides)
+        preset = getattr(ns, "preset", None)
+        load_config(JOB_CONFIGS[job], str(REPO / ns.config) if ns.config else None, overrides,
+                    preset=(preset, job) if preset else None)
 
 
 def test_every_dakd_command_named_is_a_job():

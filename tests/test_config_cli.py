@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from dakd.cli import JOB_HELP, main
-from dakd.config import IngestConfig, PipelineConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig, load_config, parse_override
+from dakd.config import (JOB_CONFIGS, PIPELINE_STAGES, PRESET_SECTIONS, IngestConfig, PipelineConfig, TrainJointNetConfig,
+                         TuneConfig, dump_config, load_config, parse_override, preset_names)
 from dakd.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,17 +63,56 @@ def test_override_parsing():
         parse_override("novalue")
 
 
-PRESET_MODELS = {"ingest": IngestConfig, "jointnet": TrainJointNetConfig, "saross": TrainSarossConfig, "tune": TuneConfig, "demo": PipelineConfig,
-                 "pipeline": PipelineConfig}
-
-
-def test_presets_validate():
+def test_example_configs_validate():
     configs = os.path.join(REPO, "jobs", "configs")
     names = sorted(os.listdir(configs))
     assert names
     for name in names:
-        model = PRESET_MODELS[name.split("_")[0].split(".")[0]]
-        load_config(model, os.path.join(configs, name))
+        load_config(TuneConfig, os.path.join(configs, name))
+
+
+# what a paper-scale preset needs from the user (nothing is downloaded)
+PAPER_SCALE_NEEDS = ["source.root=/data/x", "evaluate_synthesis.inception_weights=/weights/inception.pth"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "osd", "sos"])
+def test_every_preset_builds_every_job_it_serves(name):
+    assert name in preset_names()
+    needs = PAPER_SCALE_NEEDS if name in ("osd", "sos") else []
+    pipe = load_config(PipelineConfig, None, needs, preset=(name, "pipeline"))
+    assert pipe.stages == list(PIPELINE_STAGES)
+    for job, section in PRESET_SECTIONS.items():
+        if job == "pipeline":
+            continue
+        section_needs = {"ingest": needs[:1], "evaluate-synthesis": [n.split(".", 1)[1] for n in needs[1:]]}
+        cfg = load_config(JOB_CONFIGS[job], None, section_needs.get(job, []), preset=(name, job))
+        # a job's preset is its section of the pipeline preset, field for field
+        if isinstance(section, tuple):
+            assert {k: getattr(cfg, k) for k in section} == {k: getattr(pipe, k) for k in section}, job
+        else:
+            assert dump_config(cfg) == dump_config(getattr(pipe, section)), job
+    if name in ("osd", "sos"):  # the paper's numbers
+        assert pipe.jointnet.use_gpu and pipe.jointnet.crop_size == 256 and pipe.saross.model.encoder == "mambavision_b"
+        assert pipe.synthesize.count == {"osd": 4480, "sos": 6400}[name] and pipe.synthesize.steps == 200
+
+
+def test_preset_file_and_set_layer_in_order(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text("jointnet:\n  stages:\n    stage1: {iterations: 7, lr: 0.01}\n")
+    cfg = load_config(PipelineConfig, str(path), ["jointnet.crop_size=64"], preset=("tiny", "pipeline"))
+    assert cfg.jointnet.stages.stage1.iterations == 7  # the file over the preset ...
+    assert cfg.jointnet.stages.stage2.iterations == 4  # ... merged key by key, the preset's other keys kept
+    assert cfg.jointnet.crop_size == 64 and cfg.jointnet.model.block_out_channels == [8, 16]
+    assert main(["pipeline", "--preset", "tiny", "--set", "synthesize.count=3", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["synthesize"]["count"] == 3 and printed["source"]["procedural"]["height"] == 32
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["pipeline", "--preset", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(PipelineConfig, None, [], preset=("huge", "pipeline"))
+    with pytest.raises(ConfigError, match="source.root is required"):
+        load_config(PipelineConfig, None, [], preset=("osd", "pipeline"))
 
 
 @pytest.mark.parametrize("job", sorted(JOB_HELP))

@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Callable
 
-from dakd.config import JOB_CONFIGS, load_config
+from dakd.config import JOB_CONFIGS, PRESET_SECTIONS, load_config, preset_names
 from dakd.errors import DakdError
 
 
@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML config file (presets in jobs/configs/)")
+    if job in PRESET_SECTIONS:
+        what = "the pipeline preset" if job == "pipeline" else "this job's section of the pipeline preset"
+        p.add_argument("--preset", choices=preset_names(),
+                       help=f"start from {what} (dakd/presets/<name>.yaml); --config and --set apply on top")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (examples in jobs/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by dotted path, e.g. --set source.kind=sos (repeatable)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
@@ -92,7 +96,8 @@ def run_job(job: str, args: argparse.Namespace) -> dict:
         value = getattr(args, field, None)
         if value is not None:
             overrides.append(f"{field}={json.dumps(value)}")
-    cfg = load_config(JOB_CONFIGS[job], args.config, overrides)
+    preset = getattr(args, "preset", None)
+    cfg = load_config(JOB_CONFIGS[job], args.config, overrides, preset=(preset, job) if preset else None)
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return {}

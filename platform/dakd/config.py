@@ -113,7 +113,7 @@ class TrackingConfig(Strict):
 
 class JointNetModelConfig(Strict):
     """SAR-JointNet U-Nets (both branches share the layout). Defaults: paper scale (GPU);
-    `jobs/configs/*tiny*.yaml` shrink it for CPUs."""
+    the presets `tiny` and `demo` shrink it for CPUs."""
 
     block_out_channels: list[int] = Field(default_factory=lambda: [128, 128, 256, 256, 512, 512])
     layers_per_block: int = Field(2, ge=1)
@@ -513,12 +513,52 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(model: type[Strict], path: str | None = None, overrides: list[str] | tuple = ()) -> Strict:
-    """YAML file (optional) + dotted overrides -> validated model; ConfigError on any problem."""
-    data: dict = {}
-    origin = "defaults"
+# ---------------------------------------------------------------- presets
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+# job -> the part of a pipeline preset that configures it (None: the whole preset)
+PRESET_SECTIONS: dict[str, str | tuple | None] = {
+    "pipeline": None, "ingest": ("source", "rows_per_file", "on_error"), "train-jointnet": "jointnet",
+    "synthesize": "synthesize", "evaluate-synthesis": "evaluate_synthesis", "train-saross": "saross",
+    "evaluate": "evaluate"}
+
+
+def preset_names() -> list[str]:
+    """The pipeline presets shipped with the package (dakd/presets/<name>.yaml)."""
+    return sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".yaml"))
+
+
+def load_preset(name: str, job: str = "pipeline") -> dict:
+    """Preset `name` as config data for `job`: the whole pipeline preset, or the job's section of it."""
+    if job not in PRESET_SECTIONS:
+        raise ConfigError(f"--preset: {job} has no presets (jobs with presets: {', '.join(PRESET_SECTIONS)})")
+    if name not in preset_names():
+        raise ConfigError(f"--preset {name}: unknown preset (one of {', '.join(preset_names())})")
+    with open(os.path.join(PRESETS_DIR, f"{name}.yaml")) as f:
+        data = yaml.safe_load(f) or {}
+    section = PRESET_SECTIONS[job]
+    if section is None:
+        return data
+    if isinstance(section, tuple):
+        return {k: data[k] for k in section if k in data}
+    return dict(data.get(section, {}))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Nested dicts merged key by key (top wins); other values replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(model: type[Strict], path: str | None = None, overrides: list[str] | tuple = (),
+                preset: tuple[str, str] | None = None) -> Strict:
+    """Preset (optional: (name, job)) <- YAML file (optional) <- dotted overrides -> validated
+    model; ConfigError on any problem."""
+    data: dict = load_preset(*preset) if preset else {}
+    origin = f"preset {preset[0]}" if preset else "defaults"
     if path:
-        origin = path
+        origin = f"{origin} + {path}" if preset else path
         if not os.path.exists(path):
             raise ConfigError(f"--config {path}: file not found")
         try:
@@ -530,7 +570,7 @@ def load_config(model: type[Strict], path: str | None = None, overrides: list[st
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields at the top level, got {type(loaded).__name__}")
-        data = loaded
+        data = _merge(data, loaded)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value, model)
