@@ -122,7 +122,7 @@ def _colour_to_class(rgb: np.ndarray) -> np.ndarray:
     return idx
 
 
-def test_predict_folder_masks_and_areas_from_checkpoint_and_mlflow(student, tmp_path, ray_local, mlflow_server, capsys):
+def test_predict_folder_masks_and_areas_from_checkpoint_and_mlflow(student, tmp_path, ray_local, mlflow_server, capsys, monkeypatch):
     location, model = student
     folder = tmp_path / "in"
     images = _write_inputs(folder)
@@ -159,6 +159,22 @@ def test_predict_folder_masks_and_areas_from_checkpoint_and_mlflow(student, tmp_
     assert [{k: v for k, v in r.items() if k.startswith("pixels_")} for r in again] == \
         [{k: v for k, v in r.items() if k.startswith("pixels_")} for r in table]
     assert "area_km2_oil" not in again[0]  # no pixel size: pixel counts only
+    # the registered model loads from its safetensors checkpoint, without unpickling the flavour's model file
+    import mlflow.pytorch
+    import torch
+
+    from dakd.config import TrackingConfig
+    from dakd.eval.evaluate import load_model
+    from dakd.train.checkpoint import load_weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mlflow.pytorch.load_model unpickles: dakd must not call it")
+
+    monkeypatch.setattr(mlflow.pytorch, "load_model", refuse)
+    model, classes, _ = load_model(logged["registered"], TrackingConfig(uri=mlflow_server))
+    assert classes.names == OSD_CLASSES.names
+    want = load_weights(location)
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
 
     # existing output, missing input, empty input
     with pytest.raises(DataError, match="already holds predictions"):

@@ -9,14 +9,19 @@ Jobs go in through the real `ray job submit` CLI with `--working-dir .` and the
 environment (as pods get them from a Secret), and the secret is a marker that no output may
 contain.
 
-Node layout: head 3 CPUs, worker 2 CPUs; Train workers ask for 2 CPUs each, so one fits on
-each node (training must use both) and one head CPU stays free for the Ray Data tasks.
+Node layout: head 3 CPUs, worker 2 CPUs; the teacher's Train workers ask for 2 CPUs each, so
+one fits on each node (training must use both) and one head CPU stays free for the Ray Data tasks.
+
+Faults (issue "From laptop to cluster"): (a) a worker node lost during training, (b) a
+synthesis job stopped mid-way and resubmitted, (c) the MLflow server down at the start and
+down mid-run, (d) the S3 endpoint down at the start, (e) the same run submitted twice at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,16 +41,8 @@ MB = 1024 * 1024
 
 pytestmark = pytest.mark.slow
 
-TINY_JOINTNET = [
-    "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
-    "model.norm_num_groups=4", "model.attention_head_dim=4", "num_train_timesteps=100", "crop_size=32",
-    "batch_size_per_worker=4", "num_workers=2", "cpus_per_worker=2", "log_every=2", "sample_count=2",
-    "sample_steps=2", "ema_decay=0.9",
-]
-
-
-def _sets(prefix: str, items: list[str]) -> list[str]:
-    return [a for s in items for a in ("--set", prefix + s)]
+# the tiny preset's teacher, one Train worker per node
+TINY_JOINTNET = ["--preset", "tiny", "--set", "cpus_per_worker=2"]
 
 
 # The cluster runs in a helper process (it owns the Node objects for add/remove) that takes
@@ -223,34 +220,28 @@ def s3_keys(prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipeline_run(stack):
-    """The pipeline (ingest, balance, train-jointnet) submitted with `ray job submit`."""
-    out = f"{PREFIX}/demo"
+    """`dakd pipeline --preset tiny` (every stage) submitted with `ray job submit`."""
+    out = f"{PREFIX}/tiny"
     stack["outputs"].append(out)
     t0 = time.time()
     rc, sub_id, text = submit(stack, [
-        "python", "jobs/pipeline.py", "--config", "jobs/configs/demo.yaml", "--output", out,
-        "--set", "stages=[ingest, balance, train-jointnet]",
-        "--set", "source.procedural.splits={train: 16, test: 4}", "--set", "source.procedural.height=32",
-        "--set", "source.procedural.width=32", "--set", "rows_per_file=8", "--set", "jointnet.run_name=teacher",
-        *_sets("jointnet.", TINY_JOINTNET),
-        "--set", "jointnet.stages={stage1: {iterations: 4, lr: 0.003}, stage2: {iterations: 4, lr: 0.003}, "
-                 "stage3: {iterations: 2, lr: 0.001}}",
-        "--set", "jointnet.checkpoint_every=5", "--json"])
+        "python", "jobs/pipeline.py", "--preset", "tiny", "--output", out, "--set", "jointnet.run_name=teacher",
+        "--set", "jointnet.cpus_per_worker=2", "--json"])
     print(f"pipeline job: {time.time() - t0:.0f} s", flush=True)
     assert rc == 0, text[-5000:]
     return sub_id, last_json(text), text
 
 
 def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
-    import boto3
     import mlflow
 
     from dakd import storage
+    from dakd.config import PIPELINE_STAGES
     from dakd.data.shards import open_shard_set
     from dakd.train.checkpoint import read_state
 
     sub_id, summary, _ = pipeline_run
-    assert summary["ok"] and summary["output"] == f"{PREFIX}/demo"
+    assert summary["ok"] and summary["output"] == f"{PREFIX}/tiny" and list(summary["stages"]) == list(PIPELINE_STAGES)
     # Shards where the summary says: every listed file exists; counts as configured.
     real = summary["stages"]["ingest"]["output"]
     assert real.startswith(PREFIX)
@@ -269,11 +260,32 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
     # Training used Train workers on both nodes.
     nodes = train_worker_nodes(stack, sub_id)
     assert nodes == {stack["head"], stack["worker"]}, nodes
-    # MLflow: the parent run and the teacher's run on the tracking server, metrics logged,
-    # the final sample grid stored through the server on the S3 bucket.
+    # Synthesis: ids 0..7 exactly once in the synthetic set on S3, its contact sheet beside it, FID of it.
+    synth = summary["stages"]["synthesize"]
+    assert synth["output"] == f"{PREFIX}/tiny/synthetic" and synth["count"] == 8
+    ids = sorted(int(r["id"]) for r in open_shard_set(synth["output"]).iter_records("train"))
+    assert ids == list(range(8)) and storage.exists(synth["contact_sheet"])
+    fid = summary["stages"]["evaluate-synthesis"]["fid"]
+    assert fid >= 0 and summary["stages"]["evaluate-synthesis"]["counts"] == {"synthetic": 8, "real": 16}
+    # The DAKD student: best checkpoint on S3, trained on real + synthetic; its evaluation files.
+    student = summary["stages"]["train-saross"]["soft"]
+    assert student["checkpoint"].startswith(f"{PREFIX}/tiny/student/soft/") and student["epochs"] == 1
+    assert read_state(student["checkpoint"])["synthetic"] == synth["output"]
+    evaluated = summary["stages"]["evaluate"]
+    assert set(evaluated["miou"]) == {"soft"} and 0 <= evaluated["miou"]["soft"] <= 1
+    ev_out = evaluated["outputs"]["soft"]
+    assert json.loads(storage.read_text(f"{ev_out}/metrics.json"))["metrics"]["miou"] == pytest.approx(evaluated["miou"]["soft"])
+    assert storage.exists(f"{ev_out}/confusion_matrix.png") and storage.exists(f"{PREFIX}/tiny/eval/comparison.md")
+    assert [k for k in s3_keys(f"{ev_out}/overlays/") if k.endswith(".png")]
+    # MLflow: the parent run with a child run per stage, all finished; the teacher's metrics
+    # and its final sample grid stored through the server on the S3 bucket.
     client = mlflow.MlflowClient(tracking_uri=stack["mlflow"])
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {r.data.tags["dakd.job"] for r in children} == set(PIPELINE_STAGES), [r.data.tags for r in children]
+    assert all(r.info.status == "FINISHED" for r in children)
     train_run = client.get_run(teacher["mlflow_run_id"])
     assert train_run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")]
@@ -282,7 +294,6 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
     assert grids, "the final sample grid is logged"
     stored = s3_keys(f"s3://{BUCKET}/mlflow")
     assert any(k.endswith(grids[-1]) for k in stored), (grids, stored[:20])
-    assert boto3  # the S3 listing above used boto3 with the stack's environment
 
 
 def test_worker_node_lost_during_training_resumes(stack, pipeline_run):
@@ -297,7 +308,7 @@ def test_worker_node_lost_during_training_resumes(stack, pipeline_run):
     stack["outputs"].append(out)
     rc, sub_id, text = submit(stack, [
         "python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, "--set", "run_name=nodeloss",
-        *_sets("", TINY_JOINTNET), "--set", "run_stages=[1, 2]",
+        *TINY_JOINTNET, "--set", "run_stages=[1, 2]",
         "--set", "stages={stage1: {iterations: 8, lr: 0.003}, stage2: {iterations: 16, lr: 0.003}}",
         "--set", "checkpoint_every=4", "--set", "max_failures=2", "--set", "cache_dataset=false",
         "--set", "tracking.enabled=false", "--json"], wait=False)
@@ -349,7 +360,7 @@ def test_mlflow_down_at_start_is_a_clear_error_before_compute(stack, pipeline_ru
     dead = f"http://127.0.0.1:{free_port()}"
     out = f"{PREFIX}/mlflow-down"
     rc, sub_id, text = submit(stack, ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out,
-                                      *_sets("", TINY_JOINTNET), "--set", f"tracking.uri={dead}", "--json"])
+                                      *TINY_JOINTNET, "--set", f"tracking.uri={dead}", "--json"])
     assert rc != 0
     summary = last_json(text)
     assert summary["ok"] is False and f"MLflow tracking at {dead} is not reachable" in summary["error"]
@@ -357,6 +368,155 @@ def test_mlflow_down_at_start_is_a_clear_error_before_compute(stack, pipeline_ru
     assert job_client(stack).get_job_info(sub_id).job_id is None  # the driver never even connected to Ray
     assert train_worker_nodes(stack, sub_id) == set()
     assert s3_keys(out + "/") == []
+
+
+def wait_for_job(stack: dict, sub_id: str, timeout: float = 300) -> str:
+    """Wait until a submitted job ends; returns its final status."""
+    from ray.job_submission import JobStatus
+
+    client, deadline = job_client(stack), time.time() + timeout
+    while (status := client.get_job_status(sub_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, f"job {sub_id} did not end within {timeout} s"
+        time.sleep(0.5)
+    return status
+
+
+def s3_etags(prefix: str) -> dict[str, str]:
+    import boto3
+
+    bucket, _, key = prefix.removeprefix("s3://").partition("/")
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+    return {o["Key"]: o["ETag"] for p in pages for o in p.get("Contents", [])}
+
+
+def test_synthesis_job_stopped_and_resubmitted_writes_every_id_once(stack, pipeline_run):
+    """(b) A synthesis job is stopped (`ray job stop`: its driver and actors killed) after some of
+    its ranges are on S3; the same command resubmitted writes only the missing ranges, leaves the
+    finished objects untouched, and the set holds every id exactly once."""
+    from ray.job_submission import JobStatus
+
+    from dakd.data.shards import open_shard_set
+
+    teacher = pipeline_run[1]["stages"]["train-jointnet"]["checkpoint"]
+    out = f"{PREFIX}/fault-b"
+    stack["outputs"].append(out)
+    command = ["python", "jobs/synthesize.py", "--preset", "tiny", "--set", f"teacher={teacher}", "--output", out,
+               "--set", "count=30", "--set", "rows_per_file=2", "--set", "sampler=ddim", "--set", "steps=60",
+               "--set", "actors_max=1", "--set", "tracking.enabled=false", "--json"]
+    rc, first, text = submit(stack, command, wait=False)
+    assert rc == 0, text[-3000:]
+    client, deadline = job_client(stack), time.time() + 240
+    while len([k for k in s3_keys(f"{out}/data/") if k.endswith(".parquet")]) < 2:
+        assert client.get_job_status(first) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(first)[-3000:]
+        assert time.time() < deadline, "no range written within 240 s"
+        time.sleep(0.2)
+    client.stop_job(first)
+    assert wait_for_job(stack, first) == JobStatus.STOPPED, "the job finished before it was stopped: make it longer"
+    before = {k: e for k, e in s3_etags(f"{out}/data/").items() if k.endswith(".parquet")}
+    assert 2 <= len(before) < 15 and s3_keys(f"{out}/manifest.json") == []  # incomplete: no manifest
+
+    rc, _, text = submit(stack, command)
+    assert rc == 0, text[-5000:]
+    summary = last_json(text)
+    kept = summary["ranges_kept"]  # the ranges on S3 when it stopped (an actor may finish one more as it dies)
+    assert len(kept) >= len(before) and summary["generated"] == 30 - 2 * len(kept)
+    after = s3_etags(f"{out}/data/")
+    assert all(after[k] == e for k, e in before.items())  # finished objects untouched
+    ids = [int(r["id"]) for r in open_shard_set(out).iter_records("train")]
+    assert sorted(ids) == list(range(30))  # every id exactly once
+
+
+def test_mlflow_down_mid_run_the_run_completes_and_reports_what_was_not_logged(stack, pipeline_run, tmp_path):
+    """(c, second half) The tracking server dies while a training job runs: training goes on to
+    its last step, and the job reports how many MLflow calls were not logged."""
+    import mlflow
+
+    from dakd.train.checkpoint import read_state
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)  # its own process group: the server and its workers
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        real = pipeline_run[1]["stages"]["ingest"]["output"]
+        out = f"{PREFIX}/mlflow-mid"
+        stack["outputs"].append(out)
+        rc, sub_id, text = submit(stack, [
+            "python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
+            "--set", "run_stages=[1]", "--set", "stages={stage1: {iterations: 40, lr: 0.003}}", "--set", "log_every=10",
+            "--set", "checkpoint_every=20", "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=mid-run",
+            "--json"], wait=False)
+        assert rc == 0, text[-3000:]
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        while True:  # the first metrics are on the server: the run is under way
+            exp = client.get_experiment_by_name("mid-run")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                break
+            assert time.time() < deadline + 240, "no metrics logged"
+            time.sleep(0.2)
+        logged_before = len(client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # every process of the server, at once
+        server.wait()
+    print("MLflow server killed; waiting for the job", flush=True)
+    from ray.job_submission import JobStatus
+
+    assert wait_for_job(stack, sub_id) == JobStatus.SUCCEEDED, job_client(stack).get_job_logs(sub_id)[-5000:]
+    logs = job_client(stack).get_job_logs(sub_id)
+    summary = last_json(logs)
+    assert summary["steps"] == 40 and read_state(summary["checkpoint"])["step"] == 40
+    assert logged_before < 4 and summary["tracking_failures"] >= 1  # the later metrics and the run's end
+    assert f"{summary['tracking_failures']} MLflow call(s) failed and were not logged" in logs
+
+
+def test_same_run_submitted_twice_at_once_the_second_refuses(stack, pipeline_run):
+    """(e) Two jobs for the same run: while the first holds it, the second refuses before it
+    writes anything, naming the first; the first completes with an intact checkpoint."""
+    from ray.job_submission import JobStatus
+    from ray.util.state import list_actors
+
+    from dakd.runtime import LOCK_NAMESPACE
+    from dakd.train import checkpoint as ckpt_io
+
+    real = pipeline_run[1]["stages"]["ingest"]["output"]
+    out = f"{PREFIX}/twice"
+    stack["outputs"].append(out)
+    command = ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
+               "--set", "run_name=same", "--set", "run_stages=[1]", "--set", "stages={stage1: {iterations: 200, lr: 0.003}}",
+               "--set", "checkpoint_every=100", "--set", "log_every=50", "--set", "tracking.enabled=false", "--json"]
+    rc, first, text = submit(stack, command, wait=False)
+    assert rc == 0, text[-3000:]
+    client, deadline = job_client(stack), time.time() + 180
+    while not [a for a in list_actors(address=stack["url"], filters=[("ray_namespace", "=", LOCK_NAMESPACE),
+                                                                      ("state", "=", "ALIVE")], raise_on_missing_output=False)
+               if a.job_id == client.get_job_info(first).job_id]:
+        assert client.get_job_status(first) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(first)[-3000:]
+        assert time.time() < deadline, "the first job never took the run"
+        time.sleep(0.3)
+    rc, second, text = submit(stack, command)
+    assert client.get_job_status(first) == JobStatus.RUNNING, "the first job ended before the second was refused"
+    assert rc != 0
+    refusal = last_json(text)
+    assert refusal["ok"] is False and f"{out}/same is being written by another train-jointnet job (submission {first}" in refusal["error"]
+    assert "Traceback" not in text
+    assert wait_for_job(stack, first) == JobStatus.SUCCEEDED, client.get_job_logs(first)[-5000:]
+    summary = last_json(client.get_job_logs(first))
+    state = ckpt_io.read_state(summary["checkpoint"])
+    assert state["step"] == 200 and summary["steps"] == 200
+    weights = ckpt_io.load_weights(summary["checkpoint"])  # the checkpoint loads whole
+    assert weights and all(t.isfinite().all() for t in weights.values())
 
 
 def test_no_output_contains_the_secret(stack, pipeline_run):

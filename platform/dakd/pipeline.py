@@ -151,6 +151,13 @@ def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every configured stage in order; one MLflow parent run with a child run per stage."""
+    from dakd.runtime import run_lock
+
+    with run_lock(cfg.ray, storage.resolve(cfg.output).uri, "pipeline"):
+        return _run_stages(cfg)
+
+
+def _run_stages(cfg: PipelineConfig) -> dict:
     from dakd import tracking
 
     real = real_shards_uri(cfg)

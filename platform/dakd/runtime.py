@@ -1,11 +1,18 @@
-"""Connecting to Ray: the cluster named by config or RAY_ADDRESS, else a local one on 127.0.0.1."""
+"""Connecting to Ray (the cluster named by config or RAY_ADDRESS, else a local one on
+127.0.0.1) and holding a run so that two jobs never write the same one at once."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
+import socket
+import time
 
 from dakd.config import RayConfig
+from dakd.errors import DakdError
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +40,69 @@ def init_ray(cfg: RayConfig):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     return ray
+
+
+# ---------------------------------------------------------------- one writer per run
+LOCK_NAMESPACE = "dakd-run-locks"
+
+
+class RunBusyError(DakdError):
+    """Another job on this Ray cluster is writing the same run (output location)."""
+
+
+def _submission_id() -> str | None:
+    """The `ray job submit` submission id of this driver (None outside a submitted job)."""
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(cfg: RayConfig, key: str, job: str):
+    """Hold `key` (a run's storage URI) for this driver while the block runs.
+
+    The lock is a named, zero-CPU Ray actor owned by this driver, so it is cluster-wide and
+    dies with the driver (a killed job never leaves a stale lock). A second job asking for a
+    held key gets RunBusyError naming the holder, before it writes anything. A Ray that this
+    process starts itself (the laptop default: no address) is not shared with other drivers:
+    no lock there."""
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        yield
+        return
+    ray = init_ray(cfg)
+
+    @ray.remote(num_cpus=0)
+    class RunLock:
+        def __init__(self, info: dict):
+            self.info = info
+
+        def holder(self) -> dict:
+            return self.info
+
+    name = "run:" + hashlib.sha1(key.encode()).hexdigest()
+    info = {"key": key, "job": job, "submission_id": _submission_id(), "ray_job_id": ray.get_runtime_context().get_job_id(),
+            "host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    deadline = time.time() + 30
+    while True:
+        try:
+            handle = RunLock.options(name=name, namespace=LOCK_NAMESPACE, max_restarts=0).remote(info)
+            ray.get(handle.holder.remote())
+            break
+        except ValueError:  # the name is taken: by a live job, or by one that is just ending
+            try:
+                other = ray.get(ray.get_actor(name, namespace=LOCK_NAMESPACE).holder.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the holder died between the two calls; try again
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+                continue
+            who = f"submission {other['submission_id']}" if other.get("submission_id") else f"Ray job {other['ray_job_id']}"
+            raise RunBusyError(
+                f"{key} is being written by another {other['job']} job ({who}, {other['host']} pid {other['pid']}, "
+                f"since {other['since']}); wait for it to finish or stop it (ray job stop <submission id>), "
+                f"or choose another output / run_name") from None
+    try:
+        yield
+    finally:
+        ray.kill(handle, no_restart=True)

@@ -34,12 +34,18 @@ def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:
     return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
 
 
+def bounded_retries() -> None:
+    """Give up on an unreachable server after seconds, not minutes (MLflow's default retries
+    back off for minutes); set in every process that talks to MLflow."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def check_tracking(uri: str) -> None:
     """Fail fast (before any compute) when the tracking server does not answer."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    bounded_retries()
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types here
@@ -127,16 +133,19 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str):
         import mlflow
 
+        bounded_retries()
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self.failures = 0
 
-    def _call(self, fn, *args, **kwargs) -> None:
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), or None (counted as not logged) when it fails."""
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracking failure is counted, training goes on
             self.failures += 1
             log.warning("MLflow call %s failed (%s); %d not logged so far", fn.__name__, type(exc).__name__, self.failures)
+            return None
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         import time as _time
@@ -145,13 +154,28 @@ class RunLogger:
 
         ts = int(_time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
-        self._call(self.client.log_batch, self.run_id, metrics=items)
+        self.call(self.client.log_batch, self.run_id, metrics=items)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self._call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        self.call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self._call(self.client.log_dict, self.run_id, data, artifact_file)
+        self.call(self.client.log_dict, self.run_id, data, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call(self.client.set_terminated, self.run_id, status=status)
+        self.call(self.client.set_terminated, self.run_id, status=status)
+
+
+def end_run(uri: str | None, run_id: str | None, job: str, worker_failures: int = 0) -> int:
+    """Close a training job's run at the end without failing the job when the server went
+    away mid-run; prints how many calls were not logged. Returns the driver's failed calls."""
+    failures = 0
+    if run_id:
+        closer = RunLogger(uri, run_id)
+        closer.end("FINISHED")
+        failures = closer.failures
+    if worker_failures + failures:
+        print(f"[{job}] warning: {worker_failures + failures} MLflow call(s) failed and were not logged "
+              f"(tracking server {uri} unreachable part of the run); the run's checkpoints and results are complete",
+              flush=True)
+    return failures

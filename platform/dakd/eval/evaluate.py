@@ -97,25 +97,30 @@ def confusion_png(cm: np.ndarray, names) -> bytes:
 
 def load_model(uri: str, tracking: TrackingConfig | None = None) -> tuple[torch.nn.Module, ClassTable, dict]:
     """A SAROSS-Net (eval mode, CPU) + class table + provenance from a checkpoint directory,
-    a train-saross run directory (its best checkpoint), or an MLflow `models:/<name>/<version>` URI."""
+    a train-saross run directory (its best checkpoint), or an MLflow `models:/<name>/<version>` URI.
+    An MLflow model is loaded from the safetensors checkpoint logged beside it, never unpickled."""
+    from dakd.train.saross import load_student
+
     if str(uri).startswith("models:/") or str(uri).startswith("runs:/"):
         import mlflow
-        import mlflow.pytorch
 
         if tracking is not None:
             from dakd import tracking as trk
 
             mlflow.set_tracking_uri(tracking.uri or trk.resolve_tracking_uri(None, "."))
         try:
-            info = mlflow.models.get_model_info(uri)
-            model = mlflow.pytorch.load_model(uri, map_location="cpu")
+            meta = mlflow.models.get_model_info(uri).metadata or {}
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
             raise ConfigError(f"model {uri}: cannot be loaded from MLflow ({type(exc).__name__}: {str(exc)[:300]})") from exc
-        meta = info.metadata or {}
-        if "dakd_classes" not in meta:
-            raise ConfigError(f"model {uri}: not a dakd SAROSS-Net model (no dakd_classes in its metadata)")
-        return model.eval(), class_table_from_dict(meta["dakd_classes"]), {"model": uri, "arch": meta.get("dakd_arch")}
-    from dakd.train.saross import load_student
+        if "dakd_checkpoint_artifacts" not in meta:
+            raise ConfigError(f"model {uri}: not a dakd SAROSS-Net model (no dakd_checkpoint_artifacts in its metadata)")
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=meta["dakd_checkpoint_artifacts"])
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"model {uri}: its checkpoint {meta['dakd_checkpoint_artifacts']} cannot be downloaded "
+                              f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+        model, state = load_student(local)
+        return model, class_table_from_dict(state["classes"]), {"model": uri, "arch": state["arch"]}
 
     model, state = load_student(uri)
     return model, class_table_from_dict(state["classes"]), {"model": state["location"], "arch": state["arch"],
@@ -243,7 +248,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         flat.update({f"test/iou_{k}": v for k, v in metrics["iou"].items() if v == v})
         logger.log_metrics(flat, 0)
         logger.log_dict(report, "evaluation/metrics.json")
-        logger._call(logger.client.log_text, run_id, table, "evaluation/table.md")
+        logger.call(logger.client.log_text, run_id, table, "evaluation/table.md")
         from PIL import Image
 
         logger.log_image(np.asarray(Image.open(io.BytesIO(cm_png)).convert("RGB")), "evaluation/confusion_matrix.png")

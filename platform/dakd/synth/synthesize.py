@@ -355,6 +355,13 @@ def run_ranges(cfg: SynthesizeConfig, todo: list[tuple], job: dict, total: int, 
 
 def run_synthesize(cfg: SynthesizeConfig) -> dict:
     """Run the synthesis job; returns the summary (output, counts, written/skipped ranges, rates)."""
+    from dakd.runtime import run_lock
+
+    with run_lock(cfg.ray, storage.resolve(cfg.output).uri, "synthesize"):
+        return _synthesize(cfg)
+
+
+def _synthesize(cfg: SynthesizeConfig) -> dict:
     from dakd import tracking
     from dakd.tracking import png_bytes
 

@@ -255,31 +255,25 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                         if logger:
                             logger.log_metrics(metrics, step)
                     sums, count, n_seen, t0 = {}, 0, 0, time.perf_counter()
+                if rank == 0 and logger and plan.stage >= 2 and (step % cfg.sample_every == 0 or step == total):
+                    log_samples(plan.stage)
                 if step % cfg.checkpoint_every == 0 or step == plan.end:
                     losses = {k: float(v.detach()) for k, v in out.items()}
                     save_and_report(plan.stage, {**losses, "tracking_failures": logger.failures if logger else 0}, opt)
                     if fault_at is not None and step == fault_at:
                         raise RuntimeError(f"fault injected after step {step} (fail_at_step)")
-                if rank == 0 and logger and plan.stage >= 2 and (step % cfg.sample_every == 0 or step == total):
-                    log_samples(plan.stage)
                 if step >= plan.end:
                     break
             if batches == 0:
                 raise DakdError(f"{cfg.shards}: the train split gives no full batch of {bs} per worker "
                                 f"({cfg.num_workers} workers); lower batch_size_per_worker or num_workers")
-    if logger:
-        logger.end("FINISHED")
 
 
 # ---------------------------------------------------------------- driver
 def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
     """Validate inputs, then train on Ray Train; returns the job summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from dakd import tracking
-    from dakd.runtime import init_ray
-    from dakd.train.feed import real_dataset
+    from dakd.runtime import init_ray, run_lock
 
     shard_set = open_shard_set(cfg.shards)
     classes = shard_set.classes
@@ -306,10 +300,25 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
         raise ConfigError(f"run_stages starts at stage {first} but no previous stage's checkpoint is given: "
                           f"set init_checkpoint to a run or checkpoint whose stages 1..{first - 1} are complete")
 
-    run_id, uri = None, None
+    uri = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)
+        tracking.check_tracking(uri)  # before any compute
+    init_ray(cfg.ray)
+    with run_lock(cfg.ray, run_uri, "train-jointnet"):
+        return _fit(cfg, shard_set, b, run_uri, loop_cfg, uri)
+
+
+def _fit(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: dict, uri: str | None) -> dict:
+    """The training run proper (the caller holds the run): MLflow run, TorchTrainer, latest.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dakd import tracking
+    from dakd.train.feed import real_dataset
+
+    run_id = None
+    if uri:
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri,
                                               run_name=cfg.run_name, params=dump_config(cfg),
                                               tags={"dakd.job": "train-jointnet", "dakd.b": f"{b:.6g}"},
@@ -319,7 +328,6 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
     fail_at = os.environ.get("DAKD_FAIL_AT_STEP")
     loop_cfg.update(mlflow_run_id=run_id, tracking_uri=uri, fail_at_step=int(fail_at) if fail_at else None)
 
-    ray = init_ray(cfg.ray)
     loc = storage.resolve(cfg.output)
     storage.ensure_dir(cfg.output)
     trainer = TorchTrainer(
@@ -333,7 +341,6 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    del ray
     nonfinite = storage.join_uri(run_uri, NONFINITE)
     if storage.exists(nonfinite):
         storage.resolve(nonfinite).fs.delete_file(storage.resolve(nonfinite).path)
@@ -348,9 +355,9 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
     ckpt_uri = ("s3://" + result.checkpoint.path) if loc.scheme == "s3" else result.checkpoint.path
     state = ckpt_io.read_state(ckpt_uri)
     storage.write_text(storage.join_uri(run_uri, LATEST), json.dumps({"checkpoint": ckpt_uri, "step": state["step"]}))
-    if run_id:
-        tracking.finish_run(uri, run_id)
+    worker_failures = int(metrics.get("tracking_failures", 0))
+    not_logged = worker_failures + tracking.end_run(uri, run_id, "train-jointnet", worker_failures)
     return {"job": "train-jointnet", "checkpoint": ckpt_uri, "run": run_uri, "steps": state["step"],
             "stages_completed": state["stages_completed"], "b": b, "mlflow_run_id": run_id,
-            "tracking_failures": int(metrics.get("tracking_failures", 0)),
+            "tracking_failures": not_logged,
             "final": {k: metrics[k] for k in ("loss", "loss_x", "loss_y") if k in metrics}}

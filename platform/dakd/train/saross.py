@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 
@@ -198,8 +199,6 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"val/miou": miou, "epoch": epoch, "loss": metrics.get("train/loss", 0.0),
                               "tracking_failures": logger.failures if logger else 0}, checkpoint=checkpoint)
-    if logger:
-        logger.end("FINISHED")
 
 
 # ---------------------------------------------------------------- driver
@@ -215,10 +214,16 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "timm", "numpy")]
 
 
+MODEL_CHECKPOINT_ARTIFACT = "dakd_checkpoint"  # run artifact: the best checkpoint's weights (safetensors) + state.json
+
+
 def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str | None) -> dict:
     """Log a SAROSS-Net checkpoint to an MLflow run as a pytorch model with a tensor signature
     (input (-1, 1, -1, -1) float32 normalised image, output (-1, C, -1, -1) float32 logits);
-    the class table and architecture go into the model's metadata. Returns {"model_uri", "version"}."""
+    the class table and architecture go into the model's metadata. The checkpoint's
+    safetensors weights and state.json are logged beside it (run artifact
+    `dakd_checkpoint/`, named in the metadata): dakd loads registered models from those, never
+    by unpickling the pytorch flavour's model file. Returns {"model_uri", "registered"}."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import ModelSignature
@@ -228,12 +233,19 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str 
     c = state["arch"]["num_classes"]
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, state["arch"]["in_chans"], -1, -1), "image")]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, -1, -1), "logits")]))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory() as d:
+        for name in (ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE):
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join_uri(state["location"], name)))
+        client.log_artifacts(run_id, d, MODEL_CHECKPOINT_ARTIFACT)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
                                         pip_requirements=_requirements(), registered_model_name=register_name,
                                         metadata={"dakd_kind": KIND, "dakd_classes": state["classes"],
-                                                  "dakd_arch": state["arch"], "dakd_checkpoint": state["location"]})
+                                                  "dakd_arch": state["arch"], "dakd_checkpoint": state["location"],
+                                                  "dakd_checkpoint_artifacts": f"runs:/{run_id}/{MODEL_CHECKPOINT_ARTIFACT}"})
     version = getattr(info, "registered_model_version", None)
     return {"model_uri": info.model_uri, "registered": f"models:/{register_name}/{version}" if register_name and version else None}
 
@@ -241,11 +253,8 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str 
 def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> dict:
     """Validate inputs, train on Ray Train, record the best checkpoint; returns the job summary.
     `callbacks`: Ray Train callbacks for the run (e.g. Tune's TuneReportCallback when run in a sweep trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from dakd import tracking
-    from dakd.runtime import init_ray
+    from dakd.runtime import init_ray, run_lock
     from dakd.train.saross_feed import training_dataset
 
     real = open_shard_set(cfg.shards)
@@ -255,7 +264,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     run_uri = storage.join_uri(cfg.output, cfg.run_name)
     arch = arch_dict(cfg.model, classes.num_classes)
 
-    ray = init_ray(cfg.ray)
+    init_ray(cfg.ray)
     dataset, data_info = training_dataset(real, cfg.train_split, cfg.crop_size, synthetic=cfg.synthetic,
                                           mode=cfg.loss.mode, share=cfg.synthetic_share, use_mosaic=cfg.mosaic,
                                           cache=cfg.cache_dataset)
@@ -263,10 +272,24 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     print(f"[train-saross] {cfg.loss.mode}: {data_info['real']} real + {data_info['synthetic']} synthetic samples "
           f"per epoch, about {per_epoch} steps per epoch, {cfg.epochs} epochs, {cfg.num_workers} workers", flush=True)
 
-    run_id, uri = None, None
+    uri = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)
+        tracking.check_tracking(uri)  # before any compute
+    with run_lock(cfg.ray, run_uri, "train-saross"):
+        return _fit(cfg, callbacks, classes, arch, run_uri, dataset, data_info, per_epoch, uri)
+
+
+def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, run_uri: str, dataset, data_info: dict,
+         per_epoch: int, uri: str | None) -> dict:
+    """The training run proper (the caller holds the run): MLflow run, TorchTrainer, best/latest pointers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dakd import tracking
+
+    run_id = None
+    if uri:
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri, run_name=cfg.run_name,
                                               params=dump_config(cfg),
                                               tags={"dakd.job": "train-saross", "dakd.loss_mode": cfg.loss.mode},
@@ -288,7 +311,6 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
                                                                 checkpoint_score_attribute="val/miou",
                                                                 checkpoint_score_order="max")),
     )
-    del ray
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -309,17 +331,19 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     storage.write_text(storage.join_uri(run_uri, BEST), json.dumps(
         {"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"],
          "val_split": cfg.val_split}))
-    model_info = {}
-    if run_id:
+    model_info, failures = {}, 0
+    if run_id:  # the server may have gone away mid-run: failed calls are counted, not raised
         c = tracking.RunLogger(uri, run_id)
         c.log_dict({"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"]},
                    "best_checkpoint.json")
-        c.client.set_tag(run_id, "dakd.best_checkpoint", best_uri)
-        model_info = log_mlflow_model(uri, run_id, best_uri, cfg.register_name)
-        tracking.finish_run(uri, run_id)
+        c.call(c.client.set_tag, run_id, "dakd.best_checkpoint", best_uri)
+        model_info = c.call(log_mlflow_model, uri, run_id, best_uri, cfg.register_name) or {}
+        failures = c.failures
+    failures += int((result.metrics or {}).get("tracking_failures", 0))
+    failures += tracking.end_run(uri, run_id, "train-saross", failures)
     print(f"[train-saross] best checkpoint: epoch {best_state['epoch']} val mIoU {100 * best_state['val']['miou']:.2f}% "
           f"-> {best_uri}", flush=True)
     return {"job": "train-saross", "run": run_uri, "mode": cfg.loss.mode, "checkpoint": best_uri, "last_checkpoint": last,
             "epochs": last_state["epoch"], "best_epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"],
             "data": data_info, "mlflow_run_id": run_id, **model_info,
-            "tracking_failures": int((result.metrics or {}).get("tracking_failures", 0))}
+            "tracking_failures": failures}
