@@ -13,6 +13,7 @@ import os
 import uuid
 
 import pytest
+import yaml
 
 from dakd.config import IngestConfig, ProceduralSource, SourceConfig, TrainSarossConfig, TuneConfig, load_config
 from dakd.data import shards
@@ -57,11 +58,12 @@ def mlflow_runs(uri: str, experiment: str) -> tuple:
     return client, parents, runs
 
 
-def test_student_sweep_four_trials_mlflow_best_config_and_resume(data, tmp_path, mlflow_server):
+def test_student_sweep_four_trials_mlflow_and_best_config(data, tmp_path, mlflow_server):
     exp = f"tune-{uuid.uuid4().hex[:6]}"
     space = "{student.loss.temperature: {grid: [1.0, 3.0]}, student.loss.lambda_kd: {grid: [0.1, 0.5]}}"
     cfg = tune_config(data, str(tmp_path / "sweeps"), space, "name=kd", f"tracking.uri={mlflow_server}",
-                      f"tracking.experiment={exp}", "student.output=runs/mine", "student.run_name=best-student")
+                      f"tracking.experiment={exp}", "student.output=runs/mine", "student.run_name=best-student",
+                      "max_concurrent_trials=4")
     summary = run_tune(cfg)
     assert summary["trials"] == 4 and summary["completed"] == 4 and not summary["resumed"]
 
@@ -102,17 +104,8 @@ def test_student_sweep_four_trials_mlflow_best_config_and_resume(data, tmp_path,
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get_run(parent.info.run_id).data.metrics["best.val/miou"] == pytest.approx(miou[best_id])
 
-    # re-running the same sweep resumes it: no trial runs again
-    checkpoints = sorted(str(p) for p in (tmp_path / "sweeps" / "kd" / "trials").glob("*/student/checkpoint_*"))
-    again = run_tune(cfg)
-    assert again["resumed"] and again["trials"] == 4 and {r["trial_id"] for r in again["table"]} == set(miou)
-    _, parents2, runs2 = mlflow_runs(mlflow_server, exp)
-    assert len(parents2) == 1 and len(runs2) == 5
-    for run in runs2:
-        if run.info.run_id != parent.info.run_id:
-            assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 1
-    assert sorted(str(p) for p in (tmp_path / "sweeps" / "kd" / "trials").glob("*/student/checkpoint_*")) == checkpoints
-    # the same name with another space is refused, not mixed into the sweep
+    # the same name with another space is refused, not mixed into the sweep (resuming the same
+    # sweep: test_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials)
     other = tune_config(data, str(tmp_path / "sweeps"), "{student.loss.temperature: {grid: [5.0]}}", "name=kd",
                         f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
     with pytest.raises(ConfigError, match="sweep 'kd' .* different space"):
@@ -141,12 +134,15 @@ def test_asha_stops_a_trial_that_cannot_compete(data, tmp_path, mlflow_server):
     assert stopped.info.status == "KILLED" and stopped.data.tags["dakd.tune.status"] == "stopped early"
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data, tmp_path, mlflow_server):
-    """One trial's synthetic set is missing on the first run, so that trial fails and the sweep
+def test_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(data, tmp_path, mlflow_server, s3_uri):
+    """The sweep lives on the S3-protocol server (Tune's experiment state, trials, summary).
+    One trial's synthetic set is missing on the first run, so that trial fails and the sweep
     ends unfinished; once the set exists, re-running the sweep runs only that trial."""
+    from dakd import storage
+
     exp = f"resume-{uuid.uuid4().hex[:6]}"
     later = str(tmp_path / "syn-later")
-    cfg = tune_config(data, str(tmp_path / "sweeps"), f"{{student.synthetic: {{grid: ['{data['syn']}', '{later}']}}}}",
+    cfg = tune_config(data, s3_uri, f"{{student.synthetic: {{grid: ['{data['syn']}', '{later}']}}}}",
                       "name=resume", f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
     first = run_tune(cfg)
     assert first["completed"] == 1 and first["error"] == 1 and not first["resumed"]
@@ -156,8 +152,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data, tmp_p
     client, parents, runs = mlflow_runs(mlflow_server, exp)
     child = {r.data.tags["dakd.tune.trial_id"]: r for r in runs if "dakd.tune.trial_id" in r.data.tags}
     assert child[failed["trial_id"]].info.status == "FAILED"
-    trial_dir = tmp_path / "sweeps" / "resume" / "trials" / done["trial_id"] / "student"
-    checkpoints = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+    sweep = f"{s3_uri}/resume"
+    assert first["sweep"] == sweep and storage.exists(f"{sweep}/sweep.json") and storage.exists(f"{sweep}/summary.csv")
+    assert [f for f in storage.list_files(f"{sweep}/tune") if f.endswith(".json")]  # Tune's experiment state on S3
+    trial_dir = f"{sweep}/trials/{done['trial_id']}/student"
+    checkpoints = sorted(f for f in storage.list_files(trial_dir) if "/checkpoint_" in f)
+    assert checkpoints
 
     import shutil
 
@@ -165,7 +165,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(data, tmp_p
     again = run_tune(cfg)
     assert again["resumed"] and again["completed"] == 2 and again["error"] == 0
     assert {r["trial_id"] for r in again["table"]} == {done["trial_id"], failed["trial_id"]}
-    assert sorted(p.name for p in trial_dir.glob("checkpoint_*")) == checkpoints  # the finished trial did not run again
+    assert sorted(f for f in storage.list_files(trial_dir) if "/checkpoint_" in f) == checkpoints  # not run again
+    best = TrainSarossConfig.model_validate(yaml.safe_load(storage.read_text(again["best_config"])))  # read from S3
+    assert best.synthetic in (data["syn"], later)
     _, _, runs2 = mlflow_runs(mlflow_server, exp)
     assert len(runs2) == len(runs) == 3  # parent + 2 trials, none duplicated
     assert len(client.get_metric_history(child[done["trial_id"]].info.run_id, "val/miou")) == 1
@@ -179,6 +181,7 @@ def test_teacher_sweep_over_b(data, tmp_path, mlflow_server):
                       f"teacher.shards={data['real']}", *[f"teacher.{s}" for s in TINY_TEACHER if not s.startswith("tracking")],
                       "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=8", "synthesize.actors_max=1",
                       "synthesize.contact_sheet_count=0", "student.synthetic=null",
+                      "evaluate_synthesis.features=pixels", "evaluate_synthesis.actors=1",
                       f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
     summary = run_tune(cfg)
     assert summary["trials"] == 2 and summary["completed"] == 2
@@ -194,7 +197,14 @@ def test_teacher_sweep_over_b(data, tmp_path, mlflow_server):
     client, parents, runs = mlflow_runs(mlflow_server, exp)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     roles = sorted(r.data.tags.get("dakd.tune.role") for r in children)
-    assert roles.count("student") == 2 and roles.count("teacher") == 2
+    assert roles.count("student") == 2 and roles.count("teacher") == 2 and roles.count("evaluate-synthesis") == 2
+    # each trial's FID: its evaluate-synthesis run's value, reported to Tune and on its student run
+    fid_runs = {r.data.tags["dakd.tune.trial_id"]: r for r in children if r.data.tags.get("dakd.tune.role") == "evaluate-synthesis"}
+    students = {r.data.tags["dakd.tune.trial_id"]: r for r in children if r.data.tags.get("dakd.tune.role") == "student"}
+    for row in summary["table"]:
+        fid = fid_runs[row["trial_id"]].data.metrics["gen/fid_pixels"]
+        assert fid >= 0 and row["synthesis/fid"] == pytest.approx(fid)
+        assert students[row["trial_id"]].data.metrics["synthesis/fid"] == pytest.approx(fid)
     best = load_config(TrainSarossConfig, summary["best_config"])
     assert best.synthetic == str(root / summary["best"]["trial_id"] / "synthetic")
     assert (tmp_path / "sweeps" / "b" / "best_teacher.yaml").exists()
@@ -226,6 +236,22 @@ def test_bad_input_is_refused(data, tmp_path, ray_local):
     with pytest.raises(TrackingError, match="not reachable"):
         run_tune(tune_config(data, str(out), ok, "tracking.uri=http://127.0.0.1:9"))
     assert not out.exists()  # nothing written before the checks passed
+
+
+def test_fid_only_when_an_extractor_can_run():
+    """Teacher trials score their synthetic set with InceptionV3 only when its weights are
+    configured (they are never downloaded), or with an extractor chosen explicitly."""
+    from dakd.tune.sweep import scores_synthesis, trial_resources, trial_sections
+
+    teacher = ["level=teacher", "space={teacher.b: {grid: [0.5]}}"]
+    assert not scores_synthesis(load_config(TuneConfig, None, teacher))
+    assert trial_sections(load_config(TuneConfig, None, teacher)) == ("teacher", "synthesize", "student")
+    weighted = load_config(TuneConfig, None, teacher + ["evaluate_synthesis.inception_weights=/w/inception.pth",
+                                                        "evaluate_synthesis.actors=9"])
+    assert scores_synthesis(weighted) and "evaluate_synthesis" in trial_sections(weighted)
+    assert trial_resources(weighted)["CPU"] == 9 + weighted.driver_cpus  # its feature actors are the largest job
+    assert scores_synthesis(load_config(TuneConfig, None, teacher + ["evaluate_synthesis.features=pixels"]))
+    assert not scores_synthesis(load_config(TuneConfig, None, ["evaluate_synthesis.features=pixels"]))  # student level
 
 
 def test_example_config_parses():

@@ -405,6 +405,10 @@ class TuneConfig(Strict):
     student: TrainSarossConfig = Field(default_factory=TrainSarossConfig)
     teacher: TrainJointNetConfig = Field(default_factory=TrainJointNetConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    evaluate_synthesis: EvaluateSynthesisConfig = Field(
+        default_factory=EvaluateSynthesisConfig,
+        description="level teacher: each trial's synthetic set is scored (FID, IS) when inception_weights is set "
+                    "or another extractor (features) is chosen")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

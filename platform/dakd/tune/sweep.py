@@ -4,10 +4,11 @@ Each trial is a Tune function trainable (`run_trial`, Ray's current Tune-over-Tr
 pattern: no Trainer is passed to the Tuner) that builds its job configs from the base
 sections of the TuneConfig plus its sampled dotted overrides and runs the jobs:
   level student: train-saross on the fixed synthetic set;
-  level teacher: train-jointnet (short) -> synthesize (small) -> train-saross on it.
+  level teacher: train-jointnet (short) -> synthesize (small) -> evaluate-synthesis (FID,
+  when `scores_synthesis`) -> train-saross on it.
 The student run gets Tune's TuneReportCallback, so each epoch's worker report
-(`val/miou`, `loss`, `epoch`) reaches Tune and ASHA (time attribute: `epoch`) can stop
-the trial. A trial's driver needs `driver_cpus`; its Train workers reserve their own
+(`val/miou`, `loss`, `epoch`, and a teacher trial's `synthesis/fid`) reaches Tune and ASHA
+(time attribute: `epoch`) can stop the trial. A trial's driver needs `driver_cpus`; its Train workers reserve their own
 placement group, so concurrency comes from the cluster's CPUs/GPUs (`max_concurrent_trials`
 unless set) and a trial that needs more than the cluster has is refused up front.
 
@@ -27,12 +28,14 @@ import io
 import json
 import logging
 import math
+import time
 
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 
 from dakd import storage
-from dakd.config import SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig, dump_config
+from dakd.config import (EvaluateSynthesisConfig, SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig,
+                         dump_config)
 from dakd.errors import ConfigError, DakdError
 from dakd.tune.space import SECTIONS, Dimension, build, param_space, parse_space, split_overrides
 
@@ -51,17 +54,32 @@ class TuneError(DakdError):
 
 
 # ---------------------------------------------------------------- planning
+def scores_synthesis(cfg: TuneConfig) -> bool:
+    """A teacher trial scores its synthetic set (FID, IS) when the extractor can run: InceptionV3
+    with configured weights (they are never downloaded), or another extractor chosen explicitly."""
+    e = cfg.evaluate_synthesis
+    return cfg.level == "teacher" and (e.features != "inception" or e.inception_weights is not None)
+
+
+def trial_sections(cfg: TuneConfig) -> tuple[str, ...]:
+    """The job sections a trial runs, in order."""
+    if cfg.level == "student":
+        return ("student",)
+    return ("teacher", "synthesize") + (("evaluate_synthesis",) if scores_synthesis(cfg) else ()) + ("student",)
+
+
 def trial_resources(cfg: TuneConfig) -> dict[str, float]:
     """What one trial holds at its peak ({"CPU", "GPU"}): its driver plus the largest job it runs
     (the jobs of a trial run one after the other). Swept worker counts count at their largest."""
     def workers(section: str, job) -> tuple[float, float]:
         if section == "synthesize":
             return job.actors_max * job.cpus_per_actor, job.actors_max * job.gpus_per_actor
+        if section == "evaluate_synthesis":  # one CPU per feature actor (dakd.synth.evaluate)
+            return float(job.actors), job.actors * job.gpus_per_actor
         return job.num_workers * job.cpus_per_worker, job.num_workers * (1.0 if job.use_gpu else 0.0)
 
-    sections = ("student",) if cfg.level == "student" else ("teacher", "synthesize", "student")
     cpu = gpu = 0.0
-    for section in sections:
+    for section in trial_sections(cfg):
         job = getattr(cfg, section)
         c, g = workers(section, job)
         cpu, gpu = max(cpu, c), max(gpu, g)
@@ -103,8 +121,7 @@ def sweep_state(cfg: TuneConfig, dims: list[Dimension]) -> dict:
     return {"level": cfg.level, "space": {d.key: d.to_dict() for d in dims}, "num_samples": cfg.num_samples,
             "metric": cfg.metric, "mode": cfg.mode, "scheduler": cfg.scheduler, "grace_period": cfg.grace_period,
             "reduction_factor": cfg.reduction_factor, "seed": cfg.seed,
-            "sections": {s: dump_config(getattr(cfg, s)) for s in (("student",) if cfg.level == "student"
-                                                                     else ("teacher", "synthesize", "student"))}}
+            "sections": {s: dump_config(getattr(cfg, s)) for s in trial_sections(cfg)}}
 
 
 def _check_state(uri: str, state: dict, name: str) -> bool:
@@ -135,11 +152,21 @@ class LastEpochFinishes(ASHAScheduler):
 
 
 # ---------------------------------------------------------------- one trial
+def report_callback(extra: dict):
+    """Tune's TuneReportCallback that adds `extra` (e.g. the trial's synthesis FID) to every report."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportWith(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [{**metrics[0], **extra}, *metrics[1:]], checkpoint)
+
+    return ReportWith()
+
+
 def run_trial(config: dict, job: dict) -> None:
     """Tune function trainable: one trial's jobs. config: {dotted key: sampled value}."""
     import mlflow
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from dakd import tracking
     from dakd.train.saross import run_train_saross
@@ -160,7 +187,7 @@ def run_trial(config: dict, job: dict) -> None:
             for k, v in {**tags, "dakd.tune.role": role}.items():
                 client.set_tag(run_id, k, v)
 
-    synthetic = {}
+    synthetic, extra = {}, {}
     if job["level"] == "teacher":
         from dakd.synth.synthesize import run_synthesize
         from dakd.train.jointnet import run_train_jointnet
@@ -175,6 +202,16 @@ def run_trial(config: dict, job: dict) -> None:
         summary = run_synthesize(synth)
         tag(summary.get("mlflow_run_id"), "synthesize")
         synthetic = {"synthetic": synth.output}
+        if "evaluate_synthesis" in job["sections"]:
+            from dakd.synth.evaluate import run_evaluate_synthesis
+
+            scored = build(EvaluateSynthesisConfig, job["sections"]["evaluate_synthesis"],
+                           {"synthetic": synth.output, "real": teacher.shards, "tracking": track})
+            summary = run_evaluate_synthesis(scored)
+            tag(summary.get("mlflow_run_id"), "evaluate-synthesis")
+            extra["synthesis/fid"] = float(summary["fid"])
+            if summary.get("inception_score") is not None:
+                extra["synthesis/inception_score"] = float(summary["inception_score"])
     student = build(TrainSarossConfig, job["sections"]["student"],
                     {**over.get("student", {}), **synthetic, "output": root, "run_name": "student", "tracking": track})
     if job["tracking_uri"]:
@@ -185,7 +222,13 @@ def run_trial(config: dict, job: dict) -> None:
             params=dump_config(student), tags={"dakd.job": "train-saross", "dakd.loss_mode": student.loss.mode},
             parent_run_id=job["parent_run_id"])
         tag(run_id, "student")
-    run_train_saross(student, callbacks=[TuneReportCallback()])
+        if extra:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            mlflow.MlflowClient(tracking_uri=job["tracking_uri"]).log_batch(
+                run_id, metrics=[Metric(k, v, now, 0) for k, v in extra.items()])
+    run_train_saross(student, callbacks=[report_callback(extra)])
 
 
 # ---------------------------------------------------------------- after the sweep
@@ -216,6 +259,7 @@ def summarise(results, dims: list[Dimension], cfg: TuneConfig) -> list[dict]:
         row = {"trial_id": trial_id, "status": status, "epochs": epochs}
         row.update({d.key: r.config.get(d.key) for d in dims})
         row.update({f"last {cfg.metric}": hist[-1] if hist else None, f"best {cfg.metric}": pick(hist) if hist else None})
+        row.update({k: metrics[k] for k in ("synthesis/fid", "synthesis/inception_score") if metrics.get(k) is not None})
         if r.error is not None:
             row["error"] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else type(r.error).__name__
         rows.append(row)
@@ -315,6 +359,13 @@ def finish_child_runs(uri: str, experiment: str, rows: list[dict], sweep_uri: st
 # ---------------------------------------------------------------- the job
 def run_tune(cfg: TuneConfig) -> dict:
     """Check the space, resources and MLflow, run (or resume) the sweep, report; returns the summary."""
+    from dakd.runtime import run_lock
+
+    with run_lock(cfg.ray, storage.resolve(storage.join_uri(cfg.output, cfg.name)).uri, "tune"):
+        return _sweep(cfg)
+
+
+def _sweep(cfg: TuneConfig) -> dict:
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -355,7 +406,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     job = {"name": cfg.name, "level": cfg.level, "sweep_uri": sweep_uri, "tracking_uri": uri,
            "experiment": cfg.tracking.experiment, "parent_run_id": parent,
            "dims": [{"key": d.key, "kind": d.kind, "values": d.values} for d in dims],
-           "sections": {s: dump_config(getattr(cfg, s)) for s in SECTIONS}}  # locations are absolute (config.Location)
+           "sections": {s: dump_config(getattr(cfg, s)) for s in trial_sections(cfg)}}  # locations are absolute (config.Location)
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cfg.driver_cpus})
     loc = storage.resolve(sweep_uri)
     tune_path = loc.join(TUNE_DIR).path  # a path within loc.fs (no scheme), as Tune expects with a filesystem
