@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dakd.cli import JOB_HELP, main
-from dakd.config import (JOB_CONFIGS, PIPELINE_STAGES, PRESET_SECTIONS, IngestConfig, PipelineConfig, TrainJointNetConfig,
+from dakd.config import (JOB_CONFIGS, PIPELINE_STAGES, PRESET_SECTIONS, IngestConfig, PipelineConfig,
                          TuneConfig, dump_config, load_config, parse_override, preset_names)
 from dakd.errors import ConfigError
 

@@ -181,8 +181,6 @@ def generate(model, identity: dict, ids: list[int], batch_size: int, device) -> 
     """Samples `ids` -> {"image" (n, H, W) uint8, "mask" (n, H, W) uint8, "logits" (n, C, H, W)
     float32, "seed" [n], "nfe" per sample}. exact: one sample per sampler call (bit-identical
     outputs whatever the batch); else chunks of batch_size."""
-    import torch
-
     from dakd.diffusion.samplers import sample
 
     seeds = [sample_seed(identity["seed"], i) for i in ids]
