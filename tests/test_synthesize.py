@@ -99,8 +99,8 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
         run_synthesize(cfg)
     monkeypatch.delenv("DAKD_SYNTH_FAIL_AFTER_RANGES")
     before = s3_objects(out)
-    assert "manifest.json" not in before and "data/train/part-00000.parquet" in before
-    finished = sorted(k for k in before if k.startswith("data/"))
+    assert "manifest.json" not in before
+    finished = sorted(k for k in before if k.startswith("data/train/part-"))  # whichever range the actor took first
     assert 1 <= len(finished) < 3
 
     summary = run_synthesize(cfg)  # the same command again: resumes
