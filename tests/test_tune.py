@@ -1,7 +1,7 @@
 """`dakd tune` on a real local Ray cluster and a real MLflow server: Ray Tune trials that
-each run Ray Train jobs (student sweep: 2 T x 2 λ_kd; teacher sweep: 2 b values), ASHA
-stopping a trial that must be stopped, resume of a finished sweep without re-running
-trials, and bad input refused before any trial."""
+each run Ray Train jobs (student sweep: 2 T x 2 λ_kd; teacher sweep: 2 b values with FID),
+ASHA stopping a trial that must be stopped, an interrupted sweep on S3 resumed without
+re-running finished trials, and bad input refused before any trial."""
 
 from __future__ import annotations
 
