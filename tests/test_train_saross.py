@@ -53,16 +53,20 @@ def write_synthetic(root: str, real: shards.ShardSet, *, num_classes: int = 5, l
     return records
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local):
-    base = tmp_path_factory.mktemp("saross")
+def write_real_and_synthetic(base) -> dict:
+    """A tiny real shard set (8 train + 2 test procedural 64 px scenes) and a synthetic set
+    for it under `base`: {"real", "syn", "tiles", "base"}."""
     real = str(base / "real")
     run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 8, "test": 2}, height=64,
                                                                            width=64, seed=3)), output=real, rows_per_file=4))
-    real_set = shards.open_shard_set(real)
     syn = str(base / "syn")
-    tiles = write_synthetic(syn, real_set)
+    tiles = write_synthetic(syn, shards.open_shard_set(real))
     return {"real": real, "syn": syn, "tiles": tiles, "base": base}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    return write_real_and_synthetic(tmp_path_factory.mktemp("saross"))
 
 
 def config(data, output, *extra) -> TrainSarossConfig:

@@ -15,15 +15,14 @@ import uuid
 import pytest
 import yaml
 
-from dakd.config import IngestConfig, ProceduralSource, SourceConfig, TrainSarossConfig, TuneConfig, load_config
+from dakd.config import TrainSarossConfig, TuneConfig, load_config
 from dakd.data import shards
-from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError
 from dakd.tracking import TrackingError
 from dakd.tune.space import parse_space
 from dakd.tune.sweep import run_tune
 from test_synthesize import TINY_TEACHER
-from test_train_saross import write_synthetic
+from test_train_saross import write_real_and_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = ["model.encoder=resnet18", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
@@ -33,13 +32,7 @@ STUDENT = ["model.encoder=resnet18", "model.decoder_channels=[8, 8, 8]", "model.
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
-    base = tmp_path_factory.mktemp("tune")
-    real = str(base / "real")
-    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 8, "test": 2}, height=64,
-                                                                           width=64, seed=3)), output=real, rows_per_file=4))
-    syn = str(base / "syn")
-    write_synthetic(syn, shards.open_shard_set(real))
-    return {"real": real, "syn": syn, "base": base}
+    return write_real_and_synthetic(tmp_path_factory.mktemp("tune"))
 
 
 def tune_config(data, output: str, space: str, *extra: str) -> TuneConfig:
