@@ -182,3 +182,52 @@ def test_genuine_sos_pairs_ingest(tmp_path, ray_local):
     assert sum(summary["counts"].values()) == sum(1 for s in shard_set.splits for _ in shard_set.iter_records(s))
     sensors = {r["sensor"] for s in shard_set.splits for r in shard_set.iter_records(s)}
     assert sensors == {"palsar", "sentinel"}
+
+
+def test_val_split_is_carved_from_train_by_a_hash_of_the_id(tmp_path, ray_local):
+    from dakd.seeds import unit_hash
+
+    source = SourceConfig(kind="procedural", val_fraction=0.3,
+                          procedural=ProceduralSource(splits={"train": 20, "test": 4}, height=32, width=32, seed=5))
+    out = str(tmp_path / "real")
+    summary = run_ingest(IngestConfig(source=source, output=out, rows_per_file=4))
+    expected_val = sorted(f"train/{i:06d}" for i in range(20) if unit_hash(f"train/{i:06d}") < 0.3)
+    assert 0 < len(expected_val) < 20
+    assert summary["counts"] == {"train": 20 - len(expected_val), "val": len(expected_val), "test": 4}
+    shard_set = shards.open_shard_set(out)
+    got = {split: [r["id"] for r in shard_set.iter_records(split)] for split in ("train", "val")}
+    assert sorted(got["val"]) == expected_val
+    assert set(got["train"]).isdisjoint(got["val"]) and len(got["train"]) + len(got["val"]) == 20
+    # the carved samples are the train scenes themselves, only written to another split
+    truth = expected_records(SourceConfig(kind="procedural", procedural=source.procedural))
+    for rec in shard_set.iter_records("val"):
+        assert rec["split"] == "val"
+        np.testing.assert_array_equal(rec["image"], truth[rec["id"]]["image"])
+    how = shard_set.manifest["val_split"]
+    assert how["from"] == "train" and how["fraction"] == 0.3 and how["count"] == len(expected_val) and "unit_hash" in how["rule"]
+    # stable: a second ingest elsewhere carves the same ids
+    run_ingest(IngestConfig(source=source, output=str(tmp_path / "again"), rows_per_file=7))
+    assert sorted(r["id"] for r in shards.open_shard_set(str(tmp_path / "again")).iter_records("val")) == expected_val
+
+
+@pytest.mark.parametrize("fraction, message", [
+    (0.0, r"source.val_fraction: Input should be greater than 0"),
+    (0.6, r"source.val_fraction: Input should be less than or equal to 0.5"),
+])
+def test_val_fraction_outside_its_range_is_refused(fraction, message, tmp_path):
+    from dakd.config import load_config
+    from dakd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(IngestConfig, None, [f"source.val_fraction={fraction}", f"output={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_val_fraction_too_small_for_one_sample_is_refused_before_writing(tmp_path):
+    from dakd.errors import ConfigError
+
+    source = SourceConfig(kind="procedural", val_fraction=0.01,
+                          procedural=ProceduralSource(splits={"train": 3, "test": 1}, height=16, width=16))
+    with pytest.raises(ConfigError, match=r"source.val_fraction=0.01: of 3 train samples, 0 would go to 'val'"):
+        run_ingest(IngestConfig(source=source, output=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()

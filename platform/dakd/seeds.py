@@ -1,7 +1,8 @@
-"""Seeds: one place that derives per-sample seeds.
+"""Seeds and stable hashes: one place that derives per-sample seeds and split draws.
 
 A sample's seed is a pure function of (run seed, sample id), so re-running any
-subset of a job regenerates identical samples whatever batch they fall in.
+subset of a job regenerates identical samples whatever batch they fall in. The
+validation split is drawn the same way: a pure function of the sample id.
 """
 
 from __future__ import annotations
@@ -13,3 +14,10 @@ def sample_seed(run_seed: int, sample_id: int | str) -> int:
     """A 63-bit seed from (run seed, sample id), stable across processes and machines."""
     digest = hashlib.blake2b(f"{int(run_seed)}:{sample_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def unit_hash(key: str) -> float:
+    """A number in [0, 1) from a string, stable across processes, runs and machines
+    (blake2b, 53 bits): the draw behind the deterministic validation split."""
+    digest = hashlib.blake2b(f"dakd-unit:{key}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)

@@ -22,8 +22,9 @@ from dakd.data import shards
 from dakd.data.readers import PairRef
 from dakd.data.sources import make_reader
 from dakd.data.transforms import NORMALIZATION
-from dakd.errors import DataError
+from dakd.errors import ConfigError, DataError
 from dakd.runtime import init_ray
+from dakd.seeds import unit_hash
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,37 @@ def _ref_from_dict(d: dict) -> PairRef:
     return PairRef(**{**d, "extra": tuple(tuple(kv) for kv in d["extra"])})
 
 
-def plan_chunks(refs: list[PairRef], rows_per_file: int) -> list[dict]:
-    """Group refs by split (sorted by id) into chunks of at most rows_per_file."""
+VAL_SPLIT = "val"
+VAL_FROM = "train"
+
+
+def assign_splits(refs: list[PairRef], val_fraction: float | None) -> tuple[dict[str, str], dict | None]:
+    """The split each ref is written to ({ref id: split}) and how the val split was made.
+
+    With `val_fraction`, a train sample goes to "val" when seeds.unit_hash(id) < val_fraction:
+    a pure function of the id, so the split is the same on every run and machine and a
+    sample never moves when others are added. ConfigError when either side would be empty."""
+    splits = {r.id: r.split for r in refs}
+    if val_fraction is None:
+        return splits, None
+    train = [r.id for r in refs if r.split == VAL_FROM]
+    val = [i for i in train if unit_hash(i) < val_fraction]
+    if not val or len(val) == len(train):
+        raise ConfigError(f"source.val_fraction={val_fraction}: of {len(train)} {VAL_FROM} samples, {len(val)} would go "
+                          f"to {VAL_SPLIT!r}; both splits need at least one sample (change val_fraction, in (0, 0.5])")
+    splits.update({i: VAL_SPLIT for i in val})
+    how = {"from": VAL_FROM, "fraction": val_fraction, "count": len(val),
+           "rule": "a sample goes to val when dakd.seeds.unit_hash(id) < fraction (blake2b of the id)"}
+    return splits, how
+
+
+def plan_chunks(refs: list[PairRef], rows_per_file: int, splits: dict[str, str] | None = None) -> list[dict]:
+    """Group refs by split (`splits`: ref id -> split written, default the ref's own; sorted
+    by id) into chunks of at most rows_per_file."""
+    split_of = (lambda r: splits[r.id]) if splits else (lambda r: r.split)
     by_split: dict[str, list[PairRef]] = {}
-    for ref in sorted(refs, key=lambda r: (r.split, r.id)):
-        by_split.setdefault(ref.split, []).append(ref)
+    for ref in sorted(refs, key=lambda r: (split_of(r), r.id)):
+        by_split.setdefault(split_of(ref), []).append(ref)
     chunks = []
     for split, items in sorted(by_split.items()):
         for index, start in enumerate(range(0, len(items), rows_per_file)):
@@ -63,6 +90,7 @@ def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int) -> di
         except DataError as exc:
             errors.append({"id": ref.id, "path": exc.path, "reason": exc.reason})
             continue
+        rec["split"] = chunk["split"]  # the split it is written to (val is carved from train)
         records.append(rec)
         class_pixels += np.bincount(rec["mask"].ravel(), minlength=num_classes)[:num_classes]
         sizes[f"{rec['height']}x{rec['width']}"] += 1
@@ -111,11 +139,12 @@ def run_ingest(cfg: IngestConfig) -> dict:
     refs, problems = reader.list_pairs()  # raises DataError for a missing/empty source
     if problems and cfg.on_error == "fail":
         raise _first_error(problems)
+    split_of, val_info = assign_splits(refs, cfg.source.val_fraction)  # before anything is written
     storage.ensure_dir(output)
     storage.check_writable(output)
     _refuse_existing(output, cfg.overwrite)
 
-    chunks = plan_chunks(refs, cfg.rows_per_file)
+    chunks = plan_chunks(refs, cfg.rows_per_file, split_of)
     log.info("ingest: %d pairs in %d chunks -> %s", len(refs), len(chunks), output)
     ray = init_ray(cfg.ray)
     source = dump_config(cfg.source)
@@ -156,6 +185,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
         "image_sizes": dict(sorted(sizes.items())),
         "off_palette": {"total_pixels": sum(o["pixels"] for o in off_palette), "samples": off_palette},
         "skipped": skipped,
+        "val_split": val_info,
     }
     if not splits:
         raise DataError(output, "no valid pairs were written (all were skipped); no shard set created")
