@@ -21,7 +21,14 @@ channels. Pretrained RGB weights are adapted with timm's `adapt_input_conv`: for
 channel the RGB kernels are summed into one (what timm's `in_chans=1` does), so a grey
 image x gives the response the RGB model gave to (x, x, x).
 
-Pretrained weights (`pretrained`: a local path, file:// or s3:// URI; None = random init):
+Pretrained weights (`pretrained`: "imagenet", a local path, file:// or s3:// URI; None = random init):
+- "imagenet": the encoder's published ImageNet weights, through the Hugging Face hub cache
+  (`huggingface_hub.hf_hub_download`: HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE honoured;
+  fetched into the cache when online). timm models: their pretrained config's hub repo
+  (e.g. timm/resnet34.a1_in1k, model.safetensors); MambaVision: NVIDIA's repos named in the
+  package's configs (e.g. nvidia/MambaVision-B-1K, mambavision_base_1k.pth.tar). Then
+  loaded like a local file. Offline without a cached copy: ConfigError saying which file
+  to place where. An encoder without published weights: ConfigError.
 - `.safetensors` files are read with safetensors; anything else with
   `torch.load(weights_only=True)` (no arbitrary unpickling). A dict with a "state_dict",
   "model" or "state_dict_ema" entry is unwrapped; a "module." prefix is stripped.
@@ -72,13 +79,13 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     try:
         found = storage.exists(uri)
     except StorageError as exc:
-        raise ConfigError(f"pretrained weights {uri}: {exc}") from exc
+        raise ConfigError(f"model.pretrained: weights {uri}: {exc}") from exc
     if not found:
-        raise ConfigError(f"pretrained weights not found: {uri}")
+        raise ConfigError(f"model.pretrained: weights not found: {uri}")
     try:
         data = storage.read_bytes(uri)
     except StorageError as exc:
-        raise ConfigError(f"pretrained weights {uri}: {exc}") from exc
+        raise ConfigError(f"model.pretrained: weights {uri}: {exc}") from exc
     try:
         if str(uri).endswith(".safetensors"):
             from safetensors.torch import load as st_load
@@ -87,7 +94,7 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or a pickle holding more than tensors
-        raise ConfigError(f"pretrained weights {uri}: cannot be read as safetensors or as a "
+        raise ConfigError(f"model.pretrained: weights {uri}: cannot be read as safetensors or as a "
                           f"weights-only torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict):
         for key in ("state_dict_ema", "state_dict", "model"):
@@ -95,7 +102,7 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"pretrained weights {uri}: expected a state dict of tensors")
+        raise ConfigError(f"model.pretrained: weights {uri}: expected a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
@@ -113,7 +120,8 @@ def _fit_error(uri: str, missing: Sequence[str], unexpected: Sequence[str], shap
         parts.append(f"unexpected keys: {few(unexpected)}")
     if shapes:
         parts.append(f"shape mismatches: {few(shapes)}")
-    return ConfigError(f"pretrained weights {uri} do not fit the encoder: " + "; ".join(parts))
+    return ConfigError(f"model.pretrained: weights {uri} do not fit the encoder (another architecture?): "
+                       + "; ".join(parts))
 
 
 def _load_checked(module: nn.Module, sd: dict[str, torch.Tensor], uri: str, *, allow_missing=()) -> None:
@@ -290,12 +298,67 @@ class TimmEncoder(Encoder):
         return list(self.model(x))
 
 
+# --------------------------------------------------------------------------- published weights
+
+IMAGENET = "imagenet"
+
+
+def published_weights(name: str) -> tuple[str, list[str], str | None]:
+    """(hub repo, candidate file names, revision) of an encoder's published ImageNet weights.
+    ConfigError when the encoder has none."""
+    key = name.strip()
+    if key.lower().startswith(_MV_PREFIX):
+        mv = _mambavision_module()
+        variant = key.lower()[len(_MV_PREFIX):]
+        cfgs = {k[len("mamba_vision_"):].lower(): v for k, v in getattr(mv, "default_cfgs", {}).items()}
+        url = (cfgs.get(variant) or {}).get("url") or ""
+        m = re.match(r"https://huggingface\.co/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", url)
+        if not m:
+            raise ConfigError(f"model.pretrained={IMAGENET}: encoder {name!r} has no published weights on the "
+                              "Hugging Face hub; give a weight file (model.pretrained=PATH) or null")
+        return m.group(1), [m.group(3)], m.group(2)
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(key)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ConfigError(f"model.pretrained={IMAGENET}: timm encoder {name!r} has no published weights on the "
+                          "Hugging Face hub; give a weight file (model.pretrained=PATH) or null")
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    return repo, files, revision or None
+
+
+def imagenet_weights(name: str) -> str:
+    """Local path of `name`'s published ImageNet weights in the Hugging Face hub cache
+    (downloaded into it when online). ConfigError saying which file to place where when
+    there is no cached copy and none can be fetched."""
+    from huggingface_hub import constants, hf_hub_download
+
+    repo, files, revision = published_weights(name)
+    errors = []
+    for filename in files:
+        try:
+            return hf_hub_download(repo, filename, revision=revision)
+        except Exception as exc:  # not cached and offline / no network, or no such file in the repo
+            errors.append(f"{filename}: {type(exc).__name__}")
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    folder = f"{constants.HF_HUB_CACHE}/models--{repo.replace('/', '--')}"
+    raise ConfigError(
+        f"model.pretrained={IMAGENET}: the {name} weights ({repo}, {files[0]}) are not in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE} and could not be fetched{offline} [{'; '.join(errors)}]. On a connected machine "
+        f"run `huggingface-cli download {repo} {files[0]}` with the same HF_HOME and copy {folder} here (the file "
+        f"lies in {folder}/snapshots/<revision>/{files[0]}, refs/{revision or 'main'} names the revision), "
+        "or set model.pretrained to a local copy of the file")
+
+
 # --------------------------------------------------------------------------- registry
 
 
 def build_encoder(name: str, in_chans: int, pretrained: str | None) -> Encoder:
     """Build an encoder by name (see the module docstring). Unknown names raise ConfigError."""
     key = name.strip()
+    if pretrained == IMAGENET:
+        pretrained = imagenet_weights(key)
     if key.lower().startswith(_MV_PREFIX):
         return MambaVisionEncoder(key.lower(), in_chans=in_chans, pretrained=pretrained)
     import timm
