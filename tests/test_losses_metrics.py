@@ -120,6 +120,27 @@ def test_hard_mode_uses_teacher_argmax_for_synthetic():
     assert out["dice"].item() == pytest.approx(dice_loss(student, labels, eps=1.0).item(), rel=1e-6)
 
 
+def test_soft_mode_kd_plus_hard_adds_ce_dice_on_the_teacher_argmax():
+    """The second reading of soft mode: KD on synthetic samples plus CE/Dice on every
+    sample, synthetic ones against the teacher's argmax."""
+    student, teacher, mask, is_syn = _batch()
+    out = segmentation_loss(student, mask, teacher, is_syn, mode="soft", soft_synthetic="kd+hard", **LAMBDAS)
+    labels = mask.clone()
+    labels[is_syn] = teacher[is_syn].argmax(dim=1)
+    T = LAMBDAS["T"]
+    assert out["kd"].item() == pytest.approx(kd_loss(student[is_syn], teacher[is_syn], T).item(), rel=1e-6)
+    assert out["ce"].item() == pytest.approx(F.cross_entropy(student, labels).item(), rel=1e-6)
+    assert out["dice"].item() == pytest.approx(dice_loss(student, labels, eps=1.0).item(), rel=1e-6)
+    expected = LAMBDAS["lambda_ce"] * out["ce"] + LAMBDAS["lambda_dice"] * out["dice"] + LAMBDAS["lambda_kd"] * out["kd"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # the default reading keeps CE/Dice on the real samples only
+    kd_only = segmentation_loss(student, mask, teacher, is_syn, mode="soft", **LAMBDAS)
+    real = ~is_syn
+    assert kd_only["ce"].item() == pytest.approx(F.cross_entropy(student[real], mask[real]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="soft_synthetic"):
+        segmentation_loss(student, mask, teacher, is_syn, mode="soft", soft_synthetic="hard", **LAMBDAS)
+
+
 def test_real_only_mode_and_argument_checks():
     student, teacher, mask, _ = _batch()
     none_syn = torch.zeros(3, dtype=torch.bool)

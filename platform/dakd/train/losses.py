@@ -7,9 +7,12 @@ Which sample gets which label (`segmentation_loss`, `mode`):
   the masks; L_kd = 0. (The 0x ablation: no synthetic data.)
 - "hard":      real samples use their masks; synthetic samples use argmax of the
   teacher's logits as hard labels; CE and Dice over all samples; L_kd = 0.
-- "soft":      real samples use their masks (CE + Dice over the real samples only);
-  synthetic samples are learned from the teacher's logits by L_kd only (the paper's
-  DAKD: soft labels on synthetic samples, hard labels on real ones).
+- "soft":      real samples use their masks; synthetic samples are learned from the
+  teacher's logits by L_kd (the paper's DAKD: soft labels on synthetic samples, hard
+  labels on real ones). Two readings of Eq. 10 for the synthetic samples
+  (`soft_synthetic`): "kd" (default) — L_kd only, CE + Dice over the real samples only;
+  "kd+hard" — L_kd plus CE + Dice against the teacher's argmax, so CE + Dice cover every
+  sample (real: masks, synthetic: argmax) as in "hard".
 A term with no sample to act on is 0 (e.g. L_kd on a batch with no synthetic sample,
 L_ce and L_dice in soft mode on a batch of synthetic samples only).
 
@@ -24,9 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dice_loss", "kd_loss", "segmentation_loss", "LOSS_MODES"]
+__all__ = ["dice_loss", "kd_loss", "segmentation_loss", "LOSS_MODES", "SOFT_SYNTHETIC"]
 
 LOSS_MODES = ("real-only", "hard", "soft")
+SOFT_SYNTHETIC = ("kd", "kd+hard")
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,6 +85,7 @@ def segmentation_loss(
     lambda_kd: float,
     T: float,
     dice_eps: float,
+    soft_synthetic: str = "kd",
 ) -> dict[str, torch.Tensor]:
     """L_total of Eq. 10 on a batch mixing real and synthetic samples.
 
@@ -93,6 +98,8 @@ def segmentation_loss(
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"segmentation_loss: mode {mode!r} is not one of {LOSS_MODES}")
+    if soft_synthetic not in SOFT_SYNTHETIC:
+        raise ValueError(f"segmentation_loss: soft_synthetic {soft_synthetic!r} is not one of {SOFT_SYNTHETIC}")
     is_synthetic = torch.as_tensor(is_synthetic, dtype=torch.bool, device=student_logits.device)
     if is_synthetic.shape != (student_logits.shape[0],):
         raise ValueError(f"is_synthetic must have shape ({student_logits.shape[0]},), got {tuple(is_synthetic.shape)}")
@@ -107,7 +114,7 @@ def segmentation_loss(
 
     zero = student_logits.new_zeros((), dtype=torch.float32)
     ce = dice = kd = zero
-    if mode == "hard":
+    if mode == "hard" or (mode == "soft" and soft_synthetic == "kd+hard"):
         # hard labels for every sample: masks for real ones, teacher argmax for synthetic ones
         labels = torch.empty(student_logits.shape[:1] + student_logits.shape[2:], dtype=torch.long,
                              device=student_logits.device)
@@ -117,6 +124,8 @@ def segmentation_loss(
             labels[is_synthetic] = teacher_logits[is_synthetic].argmax(dim=1)
         ce = F.cross_entropy(student_logits.float(), labels)
         dice = dice_loss(student_logits, labels, eps=dice_eps)
+        if mode == "soft" and n_syn:
+            kd = kd_loss(student_logits[is_synthetic], teacher_logits[is_synthetic], T)
     else:
         if n_real:
             s, m = student_logits[real], target_mask[real].long()
