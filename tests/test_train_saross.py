@@ -54,10 +54,10 @@ def write_synthetic(root: str, real: shards.ShardSet, *, num_classes: int = 5, l
 
 
 def write_real_and_synthetic(base) -> dict:
-    """A tiny real shard set (8 train + 2 test procedural 64 px scenes) and a synthetic set
-    for it under `base`: {"real", "syn", "tiles", "base"}."""
+    """A tiny real shard set (8 train + 2 val + 2 test procedural 64 px scenes) and a synthetic
+    set for it under `base`: {"real", "syn", "tiles", "base"}."""
     real = str(base / "real")
-    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 8, "test": 2}, height=64,
+    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 8, "val": 2, "test": 2}, height=64,
                                                                            width=64, seed=3)), output=real, rows_per_file=4))
     syn = str(base / "syn")
     tiles = write_synthetic(syn, shards.open_shard_set(real))
@@ -127,6 +127,10 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
     assert {s["epoch"] for s in states} == {1, 2}
     best = json.loads((run_dir / "best.json").read_text())
     assert best["val_miou"] == max(s["val"]["miou"] for s in states) == summary["val_miou"]
+    # selected on the val split, never on test; 8 real + 8 synthetic samples per epoch at batch 4
+    assert best["selected_on"] == summary["selected_on"] == "val" and not best["selected_on_test"]
+    assert all(s["val"]["split"] == "val" for s in states)
+    assert summary["steps"] == 2 * (8 + 8) // 4 and summary["samples_seen"] == summary["steps"] * 4
     assert ckpt_io.read_state(best["checkpoint"])["epoch"] == best["epoch"] == summary["best_epoch"]
     model, state = load_student(str(run_dir))  # the run directory resolves to the best checkpoint
     assert state["location"] == best["checkpoint"] and state["kind"] == "sar-oss-net"
@@ -134,6 +138,7 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["loss.mode"] == "soft" and run.data.params["crop_size"] == "32"
+    assert run.data.tags["dakd.selected_on"] == "val" and run.data.tags["dakd.selected_on_test"] == "false"
     for key in ("train/ce", "train/dice", "train/kd", "val/miou", "val/iou_sea"):
         hist = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in hist] == [1, 2], key
@@ -157,14 +162,22 @@ def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     out = str(tmp_path / "runs")
     first = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=1", "run_name=ro", "tracking.enabled=false"))
     assert first["epochs"] == 1 and first["data"]["synthetic"] == 0
+    # compute-matched: the synthetic half of the epoch is filled with real crops, so real-only
+    # takes the steps a DAKD student of the same config takes (8 real + 8 synthetic at batch 4)
+    assert first["data"]["real"] == 8 + synthetic_count(8, 0.5) and first["steps"] == 16 // 4
     again = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=2", "run_name=ro", "tracking.enabled=false"))
     state = ckpt_io.read_state(again["last_checkpoint"])
     assert state["epoch"] == 2 and state["attempt_start_epoch"] == 1  # continued after epoch 1
     assert state["step"] == 2 * ckpt_io.read_state(first["last_checkpoint"])["step"] > 0
 
+    with pytest.raises(ConfigError, match="val_split=test: the best checkpoint would be chosen on the split"):
+        config(data, out, "val_split=test")
     hard = run_train_saross(config(data, out, "loss.mode=hard", "epochs=1", "run_name=hard", "tracking.enabled=false",
-                                   "synthetic_share=0.2"))
+                                   "synthetic_share=0.2", "val_split=test", "select_on_test=true"))
     assert hard["data"]["synthetic"] == synthetic_count(8, 0.2) == 2 and hard["epochs"] == 1
+    # selecting on test when asked for explicitly: flagged in the summary and best.json
+    assert hard["selected_on"] == "test" and hard["selected_on_test"] is True
+    assert json.loads((tmp_path / "runs" / "hard" / "best.json").read_text())["selected_on_test"] is True
 
 
 def test_bad_input_is_refused(data, tmp_path):
@@ -188,3 +201,7 @@ def test_bad_input_is_refused(data, tmp_path):
         run_train_saross(config(data, out, "model.encoder=resnet_nope", "tracking.enabled=false"))
     with pytest.raises(ConfigError, match="multiple of 32"):
         config(data, out, "crop_size=48")
+    with pytest.raises(DataError, match="val_split='nope': no such split \\(has: test, train, val\\)"):
+        run_train_saross(config(data, out, "val_split=nope", "tracking.enabled=false"))
+    with pytest.raises(DataError, match="val_split='val' holds 2 image\\(s\\), fewer than the 4 workers"):
+        run_train_saross(config(data, out, "num_workers=4", "tracking.enabled=false"))

@@ -70,12 +70,19 @@ class SourceConfig(Strict):
     class_names: list[str] | None = None
     # share of a label's pixels allowed off the palette (mapped to the nearest colour)
     max_off_palette_share: float = Field(0.01, ge=0.0, le=1.0)
+    # Carve a validation split out of train: sample `id` goes to "val" when
+    # seeds.unit_hash(id) < val_fraction (stable across runs and machines; data.splits).
+    val_fraction: float | None = Field(None, gt=0.0, le=0.5,
+                                       description="share of train moved to a `val` split, in (0, 0.5]; None: no val split")
     procedural: ProceduralSource = Field(default_factory=ProceduralSource)
 
     @model_validator(mode="after")
     def _root_needed(self):
         if self.kind != "procedural" and not self.root:
             raise ValueError(f"source.root is required for source.kind={self.kind!r} (a folder path or URI)")
+        if self.val_fraction is not None and "val" in self.splits:
+            raise ValueError("source.val_fraction: the source already has a `val` split (source.splits); "
+                             "carve one or read one, not both")
         if self.kind == "folder" and self.palette is not None and self.class_names is not None:
             if len(self.palette) != len(self.class_names):
                 raise ValueError("source.palette and source.class_names must have the same length")
@@ -279,12 +286,24 @@ class EvaluateSynthesisConfig(Strict):
 
 
 # ---------------------------------------------------------------- student (issue: SAROSS-Net)
+PRETRAINED_IMAGENET = "imagenet"
+
+
+def _pretrained(value: str | None) -> str | None:
+    """`imagenet` (the encoder's published weights through the Hugging Face hub cache) stays
+    as it is; a local path becomes absolute; URIs stay."""
+    return value if value in (None, PRETRAINED_IMAGENET) else _absolute(value)
+
+
 class SarossModelConfig(Strict):
     """SAROSS-Net: encoder + UNet++ decoder with CAFT. Paper: MambaVision-B (non-commercial
-    licence); resnet34 is the unencumbered ablation encoder."""
+    licence); resnet34 is the unencumbered ablation encoder.
+
+    pretrained: None (random init), `imagenet` (the encoder's published ImageNet weights via
+    the Hugging Face hub cache: HF_HOME, HF_HUB_OFFLINE), or a weight file's path/URI."""
 
     encoder: str = "mambavision_b"
-    pretrained: Location | None = None
+    pretrained: Annotated[str | None, AfterValidator(_pretrained)] = None
     decoder_channels: list[int] = Field(default_factory=lambda: [64, 128, 256])
     skip_module: Literal["caft", "conv3x3", "none"] = "caft"
     caft_heads: int = Field(4, ge=1)
@@ -294,6 +313,9 @@ class SarossLossConfig(Strict):
     """L = λ_ce·CE + λ_dice·Dice + λ_kd·KD (Eq. 10); T: KD temperature (not given by the paper)."""
 
     mode: Literal["real-only", "hard", "soft"] = "soft"
+    # soft mode, synthetic samples: "kd" = KD against the teacher's logits only (the paper's
+    # Eq. 10 as written); "kd+hard" = KD plus CE/Dice on the teacher's argmax (the other reading)
+    soft_synthetic: Literal["kd", "kd+hard"] = "kd"
     lambda_ce: float = Field(1.0, ge=0)
     lambda_dice: float = Field(0.5, ge=0)
     lambda_kd: float = Field(0.1, ge=0)
@@ -301,9 +323,18 @@ class SarossLossConfig(Strict):
     dice_eps: float = Field(1.0, ge=0)
 
 
+TEST_SPLIT = "test"  # the split figures are reported on; never selected on by default
+
+
 class TrainSarossConfig(DataParallel):
     """`dakd train-saross`: SAROSS-Net on real crops + synthetic 2x2 mosaics (DAKD) on Ray Train.
-    Paper: 200 epochs, batch 16, AdamW lr 5e-5, 512 crops (OSD; SOS 256)."""
+    Paper: 200 epochs, batch 16, AdamW lr 5e-5, 512 crops (OSD; SOS 256).
+
+    Every loss mode sees the same samples per epoch, R / (1 - synthetic_share) for R real
+    train samples (real-only fills the synthetic share with more real crops), so students
+    of one config get equal optimiser steps. The best checkpoint is selected on `val_split`
+    ("val", carved at ingest by source.val_fraction); selecting on the test split is refused
+    unless `select_on_test` is set, and is then flagged in the summary, best.json and MLflow."""
 
     shards: Location = "runs/demo/real"
     synthetic: Location | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
@@ -312,7 +343,8 @@ class TrainSarossConfig(DataParallel):
     model: SarossModelConfig = Field(default_factory=SarossModelConfig)
     loss: SarossLossConfig = Field(default_factory=SarossLossConfig)
     train_split: str = "train"
-    val_split: str = "test"
+    val_split: str = "val"
+    select_on_test: bool = Field(False, description="allow val_split=test (flagged as selected on the test split)")
     crop_size: int = Field(512, ge=32)
     mosaic: bool = Field(True, description="synthetic tiles four at a time into 2x2 mosaics (else one tile per sample)")
     synthetic_share: float = Field(0.5, ge=0.0, lt=1.0, description="expected share of synthetic samples per batch")
@@ -334,6 +366,12 @@ class TrainSarossConfig(DataParallel):
 
     @model_validator(mode="after")
     def _crop(self):
+        if self.val_split == TEST_SPLIT and not self.select_on_test:
+            raise ValueError(f"val_split={TEST_SPLIT}: the best checkpoint would be chosen on the split its figures are "
+                             "reported on. Carve a validation split at ingest (source.val_fraction=0.1) and use "
+                             "val_split=val, or set select_on_test=true (flagged in the summary, best.json and MLflow)")
+        if self.val_split == self.train_split:
+            raise ValueError(f"val_split={self.val_split}: must differ from train_split")
         if self.crop_size % 32:
             raise ValueError(f"crop_size {self.crop_size}: must be a multiple of 32 (the encoder's deepest stride)")
         return self

@@ -4,6 +4,8 @@ normalisation. Each output row: `image` float32 (1, s, s) in [-1, 1] (data.trans
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dakd import storage
@@ -25,12 +27,14 @@ def crop_flip_batch(batch: dict, crop_size: int) -> dict:
     return {"image": np.stack(images), "mask": np.stack(masks)}
 
 
-def real_dataset(shard_set: ShardSet, split: str, crop_size: int, cache: bool = True):
+def real_dataset(shard_set: ShardSet, split: str, crop_size: int, cache: bool = True, samples: int | None = None):
     """A Ray Dataset of random crops of `split` (re-drawn every epoch).
 
     cache: keep the decoded shards in Ray's object store (spilling to disk when large), so
     an epoch does not list and re-read the files; on a small set that is 30x faster per
     epoch. Crops and flips stay lazy, drawn anew each epoch.
+    samples: rows per epoch when more than the split holds: every sample once, then
+    repeats (whole blocks in a random order each epoch) up to `samples`.
     """
     import ray
 
@@ -39,4 +43,10 @@ def real_dataset(shard_set: ShardSet, split: str, crop_size: int, cache: bool = 
     ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["id", "height", "width", "image", "mask"])
     if cache:
         ds = ds.materialize()
+    count = shard_set.manifest["splits"][split]["count"]
+    if samples is not None and samples > count:
+        extra = samples - count
+        copies = math.ceil(extra / count)
+        filler = ds.union(*([ds] * (copies - 1))) if copies > 1 else ds
+        ds = ds.union(filler.randomize_block_order().limit(extra))
     return ds.map_batches(crop_flip_batch, fn_kwargs={"crop_size": crop_size}, batch_format="numpy")

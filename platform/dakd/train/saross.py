@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from dakd import storage
-from dakd.config import SarossModelConfig, TrainSarossConfig, dump_config
+from dakd.config import TEST_SPLIT, SarossModelConfig, TrainSarossConfig, dump_config
 from dakd.data.classes import class_table_from_dict
 from dakd.data.shards import open_shard_set
-from dakd.errors import ConfigError
+from dakd.errors import ConfigError, DataError
 from dakd.models.saross import SAROSSNet
 from dakd.train import checkpoint as ckpt_io
 from dakd.train.jointnet import LATEST, TrainingError, resolve_checkpoint
@@ -138,7 +138,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 logits = net(x)
             out = segmentation_loss(logits.float(), mask, batch.get("logits"), syn, mode=mode, lambda_ce=lc.lambda_ce,
                                     lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd, T=lc.temperature,
-                                    dice_eps=lc.dice_eps)
+                                    dice_eps=lc.dice_eps, soft_synthetic=lc.soft_synthetic)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -250,6 +250,24 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str 
     return {"model_uri": info.model_uri, "registered": f"models:/{register_name}/{version}" if register_name and version else None}
 
 
+def check_val_split(real, cfg: TrainSarossConfig) -> int:
+    """The selection split must exist and give every worker at least one image; returns its
+    size. DataError naming the shard set and the setting otherwise."""
+    if cfg.val_split not in real.manifest["splits"]:
+        raise DataError(real.root, f"val_split={cfg.val_split!r}: no such split (has: {', '.join(real.splits)}); "
+                        "carve one at ingest with source.val_fraction (e.g. 0.1), or name another split")
+    count = int(real.manifest["splits"][cfg.val_split]["count"])
+    if count < cfg.num_workers:
+        raise DataError(real.root, f"val_split={cfg.val_split!r} holds {count} image(s), fewer than the "
+                        f"{cfg.num_workers} workers that validate on it; raise source.val_fraction or lower num_workers")
+    return count
+
+
+def selection_info(cfg: TrainSarossConfig) -> dict:
+    """How the best checkpoint is chosen (goes into best.json, the summary and MLflow)."""
+    return {"selected_on": cfg.val_split, "selected_on_test": cfg.val_split == TEST_SPLIT}
+
+
 def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> dict:
     """Validate inputs, train on Ray Train, record the best checkpoint; returns the job summary.
     `callbacks`: Ray Train callbacks for the run (e.g. Tune's TuneReportCallback when run in a sweep trial)."""
@@ -259,7 +277,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
 
     real = open_shard_set(cfg.shards)
     classes = real.classes
-    real.files(cfg.val_split)  # DataError naming the split when absent
+    check_val_split(real, cfg)
     build_student(cfg.model, classes.num_classes)  # encoder name, weights, heads: checked before any compute
     run_uri = storage.join_uri(cfg.output, cfg.run_name)
     arch = arch_dict(cfg.model, classes.num_classes)
@@ -269,6 +287,9 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
                                           mode=cfg.loss.mode, share=cfg.synthetic_share, use_mosaic=cfg.mosaic,
                                           cache=cfg.cache_dataset)
     per_epoch = (data_info["real"] + data_info["synthetic"]) // (cfg.per_worker_batch * cfg.num_workers)
+    if cfg.val_split == TEST_SPLIT:
+        log.warning("train-saross: the best checkpoint is selected on the test split (select_on_test=true); "
+                    "figures reported on that split are optimistic and flagged as such")
     print(f"[train-saross] {cfg.loss.mode}: {data_info['real']} real + {data_info['synthetic']} synthetic samples "
           f"per epoch, about {per_epoch} steps per epoch, {cfg.epochs} epochs, {cfg.num_workers} workers", flush=True)
 
@@ -292,7 +313,9 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
     if uri:
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri, run_name=cfg.run_name,
                                               params=dump_config(cfg),
-                                              tags={"dakd.job": "train-saross", "dakd.loss_mode": cfg.loss.mode},
+                                              tags={"dakd.job": "train-saross", "dakd.loss_mode": cfg.loss.mode,
+                                                    "dakd.selected_on": cfg.val_split,
+                                                    "dakd.selected_on_test": str(cfg.val_split == TEST_SPLIT).lower()},
                                               parent_run_id=cfg.tracking.parent_run_id)
     loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
                 "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch}
@@ -328,9 +351,11 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
     best_miou, best_uri = max(candidates, key=lambda t: t[0]) if candidates else (last_state["val"]["miou"], last)
     best_state = ckpt_io.read_state(best_uri)
     storage.write_text(storage.join_uri(run_uri, LATEST), json.dumps({"checkpoint": last, "epoch": last_state["epoch"]}))
+    selection = selection_info(cfg)
+    batch = cfg.per_worker_batch * cfg.num_workers
     storage.write_text(storage.join_uri(run_uri, BEST), json.dumps(
         {"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"],
-         "val_split": cfg.val_split}))
+         "val_split": cfg.val_split, **selection}))
     model_info, failures = {}, 0
     if run_id:  # the server may have gone away mid-run: failed calls are counted, not raised
         c = tracking.RunLogger(uri, run_id)
@@ -345,5 +370,7 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
           f"-> {best_uri}", flush=True)
     return {"job": "train-saross", "run": run_uri, "mode": cfg.loss.mode, "checkpoint": best_uri, "last_checkpoint": last,
             "epochs": last_state["epoch"], "best_epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"],
+            **selection, "steps": int(last_state["step"]), "batch_size": batch,
+            "samples_seen": int(last_state["step"]) * batch,  # every step: a full batch on every worker
             "data": data_info, "mlflow_run_id": run_id, **model_info,
             "tracking_failures": failures}

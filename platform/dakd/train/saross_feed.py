@@ -10,6 +10,9 @@ Each epoch holds every real crop once and S = round(R * share / (1 - share)) syn
 samples (R real samples, share = `synthetic_share`), re-drawn every epoch (tiles repeat
 when the set is small), so a batch holds `share` synthetic samples in expectation; the
 union is shuffled globally every epoch (so each worker's batches mix both kinds).
+Every mode sees R + S samples per epoch (compute-matched students): `real-only` fills
+the S slots with more random crops of real images (whole shard blocks in a random
+order, re-drawn every epoch).
 
 Row layout (numpy): `image` float32 (1, s, s) in [-1, 1] (data.transforms), `mask` uint8
 (s, s) (real: ground truth; synthetic: argmax of the logits), and, when synthetic data is
@@ -156,15 +159,17 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     r = check_real_crops(real, split, crop_size)
     if r == 0:
         raise DataError(real.root, f"split {split!r} holds no samples")
-    info = {"real": r, "synthetic": 0, "mode": mode}
-    ds = real_dataset(real, split, crop_size, cache=cache)
+    s = synthetic_count(r, share)
+    info = {"real": r, "synthetic": 0, "mode": mode, "real_distinct": r, "epoch_samples": r + s}
     if mode == "real-only":
-        return ds, info
+        # compute-matched: the synthetic share is filled with more real crops (repeats)
+        info["real"] = r + s
+        return real_dataset(real, split, crop_size, cache=cache, samples=r + s), info
+    ds = real_dataset(real, split, crop_size, cache=cache)
     if not synthetic:
         raise ConfigError(f"loss.mode={mode}: set `synthetic` to a synthetic shard set (from `dakd synthesize`)")
     syn_set = open_shard_set(synthetic)
     syn = check_synthetic(syn_set, num_classes, crop_size, use_mosaic)
-    s = synthetic_count(r, share)
     info.update(synthetic=s, synthetic_tiles=syn["count"], tile=list(syn["tile"]))
     if s == 0:
         return ds, info
