@@ -75,10 +75,10 @@ def test_example_configs_validate():
 PAPER_SCALE_NEEDS = ["source.root=/data/x", "evaluate_synthesis.inception_weights=/weights/inception.pth"]
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "osd", "sos"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "osd", "sos", "sos-cpu"])
 def test_every_preset_builds_every_job_it_serves(name):
     assert name in preset_names()
-    needs = PAPER_SCALE_NEEDS if name in ("osd", "sos") else []
+    needs = {"osd": PAPER_SCALE_NEEDS, "sos": PAPER_SCALE_NEEDS, "sos-cpu": PAPER_SCALE_NEEDS[:1]}.get(name, [])
     pipe = load_config(PipelineConfig, None, needs, preset=(name, "pipeline"))
     assert pipe.stages == list(PIPELINE_STAGES)
     for job, section in PRESET_SECTIONS.items():
@@ -91,8 +91,12 @@ def test_every_preset_builds_every_job_it_serves(name):
             assert {k: getattr(cfg, k) for k in section} == {k: getattr(pipe, k) for k in section}, job
         else:
             assert dump_config(cfg) == dump_config(getattr(pipe, section)), job
+    # every preset selects students on a val split and reports on test
+    assert pipe.saross.val_split == "val" and pipe.evaluate.split == "test"
+    assert pipe.source.val_fraction is not None or "val" in pipe.source.procedural.splits
     if name in ("osd", "sos"):  # the paper's numbers
         assert pipe.jointnet.use_gpu and pipe.jointnet.crop_size == 256 and pipe.saross.model.encoder == "mambavision_b"
+        assert pipe.saross.model.pretrained == "imagenet"
         assert pipe.synthesize.count == {"osd": 4480, "sos": 6400}[name] and pipe.synthesize.steps == 200
 
 

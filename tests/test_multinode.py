@@ -246,8 +246,8 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
     real = summary["stages"]["ingest"]["output"]
     assert real.startswith(PREFIX)
     shard_set = open_shard_set(real)
-    assert {s: e["count"] for s, e in shard_set.manifest["splits"].items()} == {"train": 16, "test": 4}
-    for split in ("train", "test"):
+    assert {s: e["count"] for s, e in shard_set.manifest["splits"].items()} == {"train": 16, "val": 4, "test": 4}
+    for split in ("train", "val", "test"):
         files = shard_set.files(split)
         assert files and all(storage.exists(f) for f in files)
         assert sum(1 for _ in shard_set.iter_records(split)) == shard_set.manifest["splits"][split]["count"]

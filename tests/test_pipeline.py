@@ -11,7 +11,7 @@ from dakd.cli import main
 from dakd.config import PipelineConfig, load_config
 
 TINY = [
-    "source.procedural.splits={train: 8, test: 4}", "source.procedural.height=32", "source.procedural.width=32",
+    "source.procedural.splits={train: 10, test: 4}", "source.val_fraction=0.25", "source.procedural.height=32", "source.procedural.width=32",
     "rows_per_file=4",
     "jointnet.model.block_out_channels=[8, 16]", "jointnet.model.layers_per_block=1",
     "jointnet.model.attention_levels=[1]", "jointnet.model.norm_num_groups=4", "jointnet.model.attention_head_dim=4",
@@ -35,7 +35,7 @@ def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_loc
     load_config(PipelineConfig, None, TINY)  # the overrides are valid on their own
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first["stages"]["ingest"]["counts"] == {"train": 8, "test": 4}
+    assert first["stages"]["ingest"]["counts"] == {"train": 8, "val": 2, "test": 4}  # val carved from train
     assert 0 < first["stages"]["balance"]["b"] < 1
     assert first["stages"]["train-jointnet"]["steps"] == 6
 
@@ -51,6 +51,13 @@ def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_loc
     assert first["stages"]["evaluate-synthesis"]["fid"] >= 0
     assert set(first["stages"]["evaluate"]["miou"]) == {"real-only", "soft"}
     assert "real-only" in first["stages"]["evaluate"]["table"] and "DAKD" in first["stages"]["evaluate"]["table"]
+    # compute-matched students, selected on val and reported on test, as the table says
+    training = first["stages"]["evaluate"]["training"]
+    assert training["real-only"]["steps"] == training["soft"]["steps"] > 0
+    assert training["real-only"]["samples_seen"] == training["soft"]["samples_seen"]
+    assert {t["selected_on"] for t in training.values()} == {"val"}
+    assert "selected on split 'val'" in first["stages"]["evaluate"]["table"]
+    assert "reported once on split 'test' (4 images" in first["stages"]["evaluate"]["table"]
     balance = next(r for r in children if r.data.tags["dakd.job"] == "balance")
     assert balance.data.metrics["b"] == first["stages"]["balance"]["b"]
 

@@ -130,11 +130,28 @@ def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     return out
 
 
+def student_training(run_dir: str) -> dict:
+    """What a finished student run trained with: {"steps", "batch_size", "samples_seen",
+    "selected_on"} (from its last checkpoint and best.json)."""
+    from dakd.train.checkpoint import read_state
+    from dakd.train.jointnet import LATEST
+    from dakd.train.saross import BEST
+
+    last = read_state(json.loads(storage.read_text(storage.join_uri(run_dir, LATEST)))["checkpoint"])
+    best = json.loads(storage.read_text(storage.join_uri(run_dir, BEST)))
+    c = last["config"]
+    batch = c["global_batch_size"] or c["batch_size_per_worker"] * c["num_workers"]
+    return {"steps": int(last["step"]), "batch_size": batch, "samples_seen": int(last["step"]) * batch,
+            "selected_on": best.get("selected_on", best.get("val_split"))}
+
+
 def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_cfg) -> dict:
-    """Evaluate every student on the real test split and print the paper's tables side by side."""
+    """Evaluate every student once on the real test split (`evaluate.split`) and print the
+    paper's tables side by side, with the compute each student got and the split it was
+    selected on."""
     from dakd.eval.evaluate import comparison_table, run_evaluate
 
-    results, rows = {}, {}
+    results, rows, training = {}, {}, {}
     for mode, trained in students.items():
         name = STUDENT_NAMES[mode]
         ecfg = cfg.evaluate.model_copy(update={"checkpoint": trained["checkpoint"], "shards": real,
@@ -142,10 +159,18 @@ def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_
                                                "ray": cfg.ray, "tracking": tracking_cfg})
         results[mode] = run_evaluate(ecfg)
         rows[name] = results[mode]["metrics"]
-    table = comparison_table(rows)
+        training[name] = student_training(storage.join_uri(cfg.output, "student", mode))
+    selected = sorted({t["selected_on"] for t in training.values()})
+    images = next(iter(results.values()))["images"] if results else 0
+    protocol = (f"Students selected on split {', '.join(map(repr, selected))} (best val mIoU per run), "
+                f"reported once on split {cfg.evaluate.split!r} ({images} images, full resolution).")
+    if cfg.evaluate.split in selected:
+        protocol += f" WARNING: split {cfg.evaluate.split!r} also selected the checkpoints: these figures are optimistic."
+    table = comparison_table(rows, training, protocol)
     print(table, flush=True)
     storage.write_text(storage.join_uri(cfg.output, "eval", "comparison.md"), table + "\n")
     return {"table": table, "miou": {m: r["metrics"]["miou"] for m, r in results.items()},
+            "training": {m: training[STUDENT_NAMES[m]] for m in results},
             "outputs": {m: r["output"] for m, r in results.items()}}
 
 

@@ -261,7 +261,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             "confusion_matrix": cm.tolist(), "mlflow_run_id": run_id, "table": table, "metrics": metrics}
 
 
-def comparison_table(rows: dict[str, dict]) -> str:
+def comparison_table(rows: dict[str, dict], training: dict[str, dict] | None = None, protocol: str | None = None) -> str:
     """The paper's two layouts for several evaluations, e.g. {"real-only": m1, "DAKD": m2}
-    with m = run_evaluate(...)["metrics"] (or eval.metrics.segmentation_metrics)."""
-    return format_table(rows) + "\n\n" + format_per_class_table(rows)
+    with m = run_evaluate(...)["metrics"] (or eval.metrics.segmentation_metrics).
+    training: {row name: {"steps", "batch_size", "samples_seen", "selected_on"}} adds the
+    compute each model was trained with; protocol: a line saying what selected and what reports."""
+    parts = [protocol] if protocol else []
+    parts += [format_table(rows), format_per_class_table(rows)]
+    if training:
+        lines = ["| model | optimiser steps | batch | samples seen | selected on |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {t['steps']} | {t['batch_size']} | {t['samples_seen']} | {t['selected_on']} |"
+                  for name, t in training.items()]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
