@@ -44,7 +44,8 @@ def student(tmp_path_factory):
         opt.step()
     location = str(tmp_path_factory.mktemp("student") / "run" / "checkpoint_000")
     ckpt_io.save_checkpoint(location, model.state_dict(), {"kind": KIND, "epoch": 1, "step": 1,
-                                                           "arch": arch_dict(MODEL, 5), "classes": OSD_CLASSES.to_dict()})
+                                                           "arch": arch_dict(MODEL, 5), "classes": OSD_CLASSES.to_dict(),
+                                                           "val": {"split": "val", "miou": 0.5, "iou": {}}})
     return location, model.eval()
 
 
@@ -85,6 +86,9 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     assert report["confusion_matrix"] == cm.tolist()
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "| model | mIoU | F1 | Accuracy | Recall | Precision |" in table and f"{100 * summary['miou']:.2f}" in table
+    # the table says which split selected the checkpoint and which reports
+    assert "Checkpoint selected on split 'val', reported on split 'test' (1 images)." in table
+    assert summary["selected_on"] == report["selected_on"] == "val" and "WARNING" not in table
     assert Image.open(tmp_path / "eval" / "confusion_matrix.png").size[0] > 100
     overlay = Image.open(tmp_path / "eval" / "overlays" / (rec["id"].replace("/", "_") + ".png"))
     assert overlay.size == (3 * 1250, 650)  # [image | prediction | ground truth]

@@ -12,7 +12,7 @@ import json
 import logging
 
 from dakd import storage
-from dakd.config import BalanceConfig, IngestConfig, PipelineConfig, dump_config
+from dakd.config import BalanceConfig, IngestConfig, PipelineConfig, TrainSarossConfig, dump_config
 from dakd.data import shards
 from dakd.data.balance import run_balance
 from dakd.data.ingest import run_ingest
@@ -139,8 +139,8 @@ def student_training(run_dir: str) -> dict:
 
     last = read_state(json.loads(storage.read_text(storage.join_uri(run_dir, LATEST)))["checkpoint"])
     best = json.loads(storage.read_text(storage.join_uri(run_dir, BEST)))
-    c = last["config"]
-    batch = c["global_batch_size"] or c["batch_size_per_worker"] * c["num_workers"]
+    c = TrainSarossConfig.model_construct(**last["config"])  # as it was saved (no re-validation)
+    batch = c.per_worker_batch * c.num_workers
     return {"steps": int(last["step"]), "batch_size": batch, "samples_seen": int(last["step"]) * batch,
             "selected_on": best.get("selected_on", best.get("val_split"))}
 

@@ -120,11 +120,13 @@ def load_model(uri: str, tracking: TrackingConfig | None = None) -> tuple[torch.
             raise ConfigError(f"model {uri}: its checkpoint {meta['dakd_checkpoint_artifacts']} cannot be downloaded "
                               f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         model, state = load_student(local)
-        return model, class_table_from_dict(state["classes"]), {"model": uri, "arch": state["arch"]}
+        return model, class_table_from_dict(state["classes"]), {"model": uri, "arch": state["arch"],
+                                                                "selected_on": state.get("val", {}).get("split")}
 
     model, state = load_student(uri)
     return model, class_table_from_dict(state["classes"]), {"model": state["location"], "arch": state["arch"],
-                                                            "epoch": state.get("epoch")}
+                                                            "epoch": state.get("epoch"),
+                                                            "selected_on": state.get("val", {}).get("split")}
 
 
 def actor_device(gpus: float) -> torch.device:
@@ -224,11 +226,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     cm, metrics, overlays = evaluate_model(model, classes, cfg.shards, cfg.split, overlay_count=cfg.overlay_count,
                                            batch_size=cfg.batch_size, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor,
                                            cpus_per_actor=cfg.cpus_per_actor, torch_threads=cfg.torch_threads)
-    table = comparison_table({name: metrics})
+    selected_on = prov.get("selected_on")
+    protocol = f"Checkpoint selected on split {selected_on!r}, reported on split {cfg.split!r} ({metrics['images']} images)."
+    if selected_on == cfg.split:
+        protocol += " WARNING: the same split selected the checkpoint: these figures are optimistic."
+        log.warning("evaluate: %s was selected on split %r, the split it is evaluated on", prov["model"], cfg.split)
+    table = comparison_table({name: metrics}, protocol=protocol)
     print(table, flush=True)
     print("(mIoU, F1, Recall, Precision: macro means over classes of per-class values from the summed "
           "confusion matrix; Accuracy: pixel accuracy)", flush=True)
-    report = {"model": prov["model"], "name": name, "shards": cfg.shards, "split": cfg.split, "classes": list(classes.names),
+    report = {"model": prov["model"], "name": name, "shards": cfg.shards, "split": cfg.split, "selected_on": selected_on,
+              "classes": list(classes.names),
               "confusion_matrix": cm.tolist(), "confusion_matrix_layout": "cm[target][prediction] pixel counts",
               "averaging": "macro over present classes; accuracy = pixel accuracy", "metrics": metrics}
     storage.write_text(storage.join_uri(cfg.output, "metrics.json"), json.dumps(report, indent=2))
@@ -256,6 +264,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             logger.log_image(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), f"evaluation/overlays/{_safe_name(sid)}.png")
         logger.end("FINISHED")
     return {"job": "evaluate", "model": prov["model"], "name": name, "output": cfg.output, "split": cfg.split,
+            "selected_on": selected_on,
             "images": metrics["images"], "miou": metrics["miou"], "f1": metrics["f1_mean"], "precision": metrics["precision_mean"],
             "recall": metrics["recall_mean"], "accuracy": metrics["accuracy"], "iou": metrics["iou"],
             "confusion_matrix": cm.tolist(), "mlflow_run_id": run_id, "table": table, "metrics": metrics}

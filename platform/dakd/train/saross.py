@@ -314,8 +314,8 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
         run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri, run_name=cfg.run_name,
                                               params=dump_config(cfg),
                                               tags={"dakd.job": "train-saross", "dakd.loss_mode": cfg.loss.mode,
-                                                    "dakd.selected_on": cfg.val_split,
-                                                    "dakd.selected_on_test": str(cfg.val_split == TEST_SPLIT).lower()},
+                                                    **{f"dakd.{k}": str(v).lower() if isinstance(v, bool) else v
+                                                       for k, v in selection_info(cfg).items()}},
                                               parent_run_id=cfg.tracking.parent_run_id)
     loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
                 "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch}
