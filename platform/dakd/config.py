@@ -356,6 +356,7 @@ class EvaluateConfig(Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    compile: bool = Field(False, description="wrap the network in torch.compile (GPU; slow start-up)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -372,6 +373,7 @@ class PredictConfig(Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    compile: bool = Field(False, description="wrap the network in torch.compile (GPU; slow start-up)")
     overwrite: bool = False
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="resolves models:/ URIs")
     ray: RayConfig = Field(default_factory=RayConfig)
