@@ -29,10 +29,10 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str, *, compile
     return model
 
 
-def autocast(device: torch.device | str):
-    """Context: bf16 autocast on CUDA, nothing elsewhere."""
+def autocast(device: torch.device | str, bf16: bool = True):
+    """Context: bf16 autocast on CUDA (unless bf16=False: float32), nothing elsewhere."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and bf16:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -98,13 +98,14 @@ def predictions_to_x0(x_hat: torch.Tensor, out: torch.Tensor, b: float, label_lo
 @torch.no_grad()
 def sample(model, *, sampler: str, steps: int, b: float, seeds: list[int], height: int, width: int,
            device: torch.device | str, num_classes: int, num_train_timesteps: int,
-           label_loss: str = "ce") -> SampleBatch:
+           label_loss: str = "ce", bf16: bool = True) -> SampleBatch:
     """Generate len(seeds) (image, logits) pairs with ``model(x_t, y_t, t) -> (x̂, logits)``.
 
     sampler: "ddim" | "dpmsolver++" | "unipc"; steps: solver steps (= nfe); b: balancing factor;
     num_train_timesteps: T of the training schedule; label_loss: how Label-Net was trained
     ("ce": outputs logits, mapped by Eq. 21; "mse": outputs the label signal itself, then
-    `logits` holds that signal). The model is used as given (call .eval() beforehand).
+    `logits` holds that signal); bf16: autocast the forward on CUDA (False: float32).
+    The model is used as given (call .eval() / `dakd.inference.prepare_model` beforehand).
     Returns a SampleBatch on `device`.
     """
     if steps < 1:
@@ -121,7 +122,7 @@ def sample(model, *, sampler: str, steps: int, b: float, seeds: list[int], heigh
     nfe = 0
     out = None
     for i, t in enumerate(sched.timesteps):
-        with autocast(device):
+        with autocast(device, bf16):
             x_hat, out = model(z[:, :1], z[:, 1:], t_all[i].expand(batch))
         nfe += 1
         x0, y0 = predictions_to_x0(x_hat, out, b, label_loss)
