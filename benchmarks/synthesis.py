@@ -1,7 +1,7 @@
 """Synthesis benchmark: three ratios measured side by side in one run.
 
 1. Steady-state samples/s of `dakd synthesize` (Ray Data, 1 actor, 1 torch thread) against
-   a bare in-process loop calling the same sampler on the same ids (goal >= 0.9).
+   a bare in-process loop calling the same sampler on the same ids (goal >= 0.95).
 2. 2 actors against 1, one torch thread each (goal >= 1.7x on a 2-core machine).
 3. DPM-Solver++ and UniPC at 25 steps against DDIM at 200: network evaluations; wall time
    of the sampling itself (in-process, the same fixed batches) and of the job (steady state
@@ -100,8 +100,11 @@ def main() -> None:
     for _, start, stop in plan_ranges(args.samples, args.rows_per_file):
         generate(model, info["identity"], list(range(start, stop)), torch.device("cpu"))
     bare = args.samples / (time.perf_counter() - t)
+    load_bare = os.getloadavg()[0]
     one = synth(teacher, f"{root}/one", *common, "actors_min=1", "actors_max=1")
+    load_one = os.getloadavg()[0]
     two = synth(teacher, f"{root}/two", *common, "actors_min=2", "actors_max=2")
+    load_two = os.getloadavg()[0]
 
     # 3. DPM-Solver++ / UniPC 25 vs DDIM 200, quality against the real set
     quality = {}
@@ -124,15 +127,15 @@ def main() -> None:
     print()
     print(f"synthesis benchmark: {args.samples} samples of 32x32, DDIM {args.steps} steps, {args.rows_per_file} per "
           f"file, batches of 8, 1 torch thread per actor; {os.cpu_count()} CPU cores, load average {load[0]:.1f}")
-    print(f"  bare in-process loop          {bare:8.2f} samples/s")
+    print(f"  bare in-process loop          {bare:8.2f} samples/s   (load {load_bare:.1f})")
     print(f"  Ray Data, 1 actor (steady)    {one['steady_samples_per_s']:8.2f} samples/s   "
-          f"(end to end {one['samples_per_s']:.2f}/s incl. start-up)")
+          f"(end to end {one['samples_per_s']:.2f}/s incl. start-up; load {load_one:.1f})")
     print(f"  Ray Data, 2 actors (steady)   {two['steady_samples_per_s']:8.2f} samples/s   "
-          f"(end to end {two['samples_per_s']:.2f}/s)")
+          f"(end to end {two['samples_per_s']:.2f}/s; load {load_two:.1f})")
     print(f"  ratio Ray Data 1 actor / bare loop   {one['steady_samples_per_s'] / bare:6.2f}   (goal >= 0.95)  "
-          f"load {load[0]:.1f}")
+          f"load {load_bare:.1f} / {load_one:.1f}")
     print(f"  ratio 2 actors / 1 actor             {two['steady_samples_per_s'] / one['steady_samples_per_s']:6.2f}   "
-          "(goal >= 1.7)")
+          f"(goal >= 1.7)   load {load_one:.1f} / {load_two:.1f}")
     d = quality["ddim200"]
     print(f"  DDIM 200:        NFE {d['nfe']:4d}  sampling {d['sampling']:6.1f} s  job {d['wall']:6.1f} s  "
           f"steady {d['steady']:6.2f} samples/s  FID(pixels 4x4) {d['fid']:.4f}  (load {d['load']:.1f})")
