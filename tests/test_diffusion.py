@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dakd.data.transforms import label_signal
 from dakd.diffusion.samplers import (
-    SampleBatch, initial_noise, logits_to_label_signal, make_sampler_scheduler, sample,
+    SAMPLERS, SampleBatch, initial_noise, logits_to_label_signal, make_sampler_scheduler, sample,
 )
 from dakd.diffusion.schedule import (
     forward_process, joint_loss, label_loss_fn, make_train_scheduler, q_sample, sample_timesteps, sar_loss,
@@ -217,7 +217,7 @@ def test_joint_ddim_sampler_matches_manual_computation(steps):
 
 
 @pytest.mark.parametrize("label_loss", ["ce", "mse"])
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_point_mass_denoiser_is_reproduced_exactly(sampler, label_loss):
     """If the data is one point (x̂ ≡ c, label output ≡ L), every consistent solver ends at it."""
     c = 0.3
@@ -236,7 +236,7 @@ def test_point_mass_denoiser_is_reproduced_exactly(sampler, label_loss):
     assert out.masks.dtype == torch.uint8 and torch.all(out.masks == int(L.argmax()))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sample_depends_only_on_its_seed(sampler):
     m = tiny_model()
     with torch.no_grad():  # make the coupling active
@@ -257,6 +257,26 @@ def test_sample_depends_only_on_its_seed(sampler):
     assert many.images.abs().max() <= 1
 
 
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "unipc"])
+def test_one_joint_solver_equals_one_solver_per_modality(sampler):
+    """The sampler steps the concatenated state (B, 1+C, H, W) with one solver: bit-identical
+    to stepping x and y' with a solver each (elementwise steps, per-step scalars)."""
+    model = ToyJoint(T_TRAIN)
+    b, steps, seeds = 0.5, 6, [4, 5]
+    out = sample(model, sampler=sampler, steps=steps, b=b, seeds=seeds, height=8, width=8, device="cpu",
+                 num_classes=C, num_train_timesteps=T_TRAIN)
+    sx, sy = make_sampler_scheduler(sampler, T_TRAIN), make_sampler_scheduler(sampler, T_TRAIN)
+    sx.set_timesteps(steps)
+    sy.set_timesteps(steps)
+    x, y = initial_noise(seeds, C, 8, 8)
+    for t in sx.timesteps:
+        x_hat, logits = model(x, y, t.long().expand(2))
+        x0 = x_hat.clamp(-1, 1)
+        y0 = (torch.softmax(logits, dim=1) * 2 - 1) * b
+        x, y = sx.step(x0, t, x).prev_sample, sy.step(y0, t, y).prev_sample
+    assert torch.equal(out.images, x.clamp(-1, 1)) and torch.equal(out.logits, logits)
+
+
 def test_initial_noise_is_per_seed_and_bad_arguments():
     x3, y3 = initial_noise([1, 2, 3], C, 4, 4)
     x1, y1 = initial_noise([3], C, 4, 4)
@@ -268,7 +288,7 @@ def test_initial_noise_is_per_seed_and_bad_arguments():
                device="cpu", num_classes=C, num_train_timesteps=T_TRAIN)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("steps", [200, 30])
 def test_sampler_schedules_start_at_T_and_take_the_requested_steps(sampler, steps):
     T = 1000

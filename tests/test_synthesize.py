@@ -80,18 +80,29 @@ def s3_objects(prefix: str) -> dict[str, tuple[str, int]]:
     return out
 
 
-def reference(teacher: dict, ids: list[int], seed: int = 0, size: int = 32):
-    """Independent in-process generation: per-sample calls of the sampler -> float32 tensors."""
+def reference(teacher: dict, ids: list[int], seed: int = 0, size: int = 32, batch_size: int = 1):
+    """Independent in-process generation -> float32 (images, logits) of `ids`: batch_size 1
+    (exact mode): one sampler call per sample; else sample i comes from the sampler call on
+    the fixed batch of ids [m*B, (m+1)*B) that holds it, m = i // B."""
     st = teacher["state"]
-    outs = [sample(teacher["model"], sampler="ddim", steps=STEPS, b=float(st["b"]), seeds=[sample_seed(seed, i)],
+    images, logits = [], []
+    for i in ids:
+        m = i // batch_size
+        o = sample(teacher["model"], sampler="ddim", steps=STEPS, b=float(st["b"]),
+                   seeds=[sample_seed(seed, j) for j in range(m * batch_size, (m + 1) * batch_size)],
                    height=size, width=size, device="cpu", num_classes=5,
-                   num_train_timesteps=int(st["num_train_timesteps"]), label_loss=st["label_loss"]) for i in ids]
-    return (torch.cat([o.images for o in outs])[:, 0], torch.cat([o.logits for o in outs]))
+                   num_train_timesteps=int(st["num_train_timesteps"]), label_loss=st["label_loss"])
+        images.append(o.images[i - m * batch_size, 0])
+        logits.append(o.logits[i - m * batch_size])
+    return torch.stack(images), torch.stack(logits)
 
 
 def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_server):
+    """Batched (the default), in batches of 5 that straddle the 16-id ranges: ids exactly
+    once through a kill and a re-run; a range re-run (the grown last range) writes identical
+    samples."""
     out = s3_uri + "/synthetic"
-    cfg = synth_cfg(teacher, out, "count=40", f"tracking.uri={mlflow_server}", "tracking.enabled=true")
+    cfg = synth_cfg(teacher, out, "count=40", "batch_size=5", f"tracking.uri={mlflow_server}", "tracking.enabled=true")
 
     # "kill" the job after one range: the actor raises right after writing it
     monkeypatch.setenv("DAKD_SYNTH_FAIL_AFTER_RANGES", "1")
@@ -125,14 +136,16 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
         assert rec["b"] == pytest.approx(teacher["state"]["b"]) and rec["sampler"] == "ddim"
         assert rec["steps"] == STEPS and rec["code_version"] == __version__
         class_pixels += np.bincount(rec["mask"].ravel(), minlength=5)
-    images, logits = reference(teacher, [0, 39])
-    for n, i in enumerate([0, 39]):
+    images, logits = reference(teacher, [0, 17, 39], batch_size=5)
+    for n, i in enumerate([0, 17, 39]):
         np.testing.assert_array_equal(got[str(i)]["image"], denormalize_image(images[n]).numpy())
         np.testing.assert_array_equal(got[str(i)]["logits"], logits[n].numpy().astype(np.float16))
 
     m = shards.open_shard_set(out).manifest
     assert m["kind"] == "synthetic" and m["count"] == 40 and m["teacher"]["hash"] == model_hash
     assert (m["sampler"], m["steps"], m["seed"], m["nfe_per_sample"]) == ("ddim", STEPS, 0, STEPS)
+    assert (m["identity"]["exact"], m["identity"]["batch_size"]) == (False, 5)
+    assert [(h["device"], h["precision"]) for h in m["hardware"]] == [("cpu", "fp32")]
     assert [f["rows"] for f in m["splits"]["train"]["files"]] == [16, 16, 8]
     assert m["splits"]["train"]["class_pixels"] == class_pixels.tolist()
     assert m["splits"]["train"]["class_share"] == pytest.approx((class_pixels / class_pixels.sum()).tolist())
@@ -149,8 +162,8 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
     assert "contact_sheet.png" in [a.path for a in client.list_artifacts(summary["mlflow_run_id"])]
     assert client.get_run(summary["mlflow_run_id"]).data.metrics["synth/count"] == 40
 
-    # grow 40 -> 60: ranges 0, 1 untouched; range 2 (ids 32..39) is rewritten as ids 32..47
-    # (its old ids regenerate identically); range 3 (48..59) is new
+    # grow 40 -> 60: ranges 0, 1 untouched; range 2 (ids 32..39) is re-run as ids 32..47 (its
+    # old ids regenerate identically: the same fixed batches [30, 35), [35, 40)); range 3 is new
     grown = run_synthesize(cfg.model_copy(update={"count": 60}))
     assert grown["ranges_written"] == [2, 3] and grown["ranges_kept"] == [0, 1] and grown["generated"] == 16 + 12
     final = s3_objects(out)
@@ -164,23 +177,31 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
     assert shards.open_shard_set(out).manifest["count"] == 60
 
 
-def test_sample_seven_same_for_any_n_and_batch_size(teacher, tmp_path):
+def test_sample_seven_same_for_any_n_batched_and_exact(teacher, tmp_path):
     small = run_synthesize(synth_cfg(teacher, str(tmp_path / "n10"), "count=10", "rows_per_file=4", "batch_size=3"))
-    large = run_synthesize(synth_cfg(teacher, str(tmp_path / "n40"), "count=40", "batch_size=8",
-                                     "actors_max=2"))
-    assert small["count"] == 10 and large["count"] == 40
-    a, b = records(str(tmp_path / "n10")), records(str(tmp_path / "n40"))
-    for col in ("image", "mask", "logits", "seed"):
-        np.testing.assert_array_equal(a["7"][col], b["7"][col])
+    large = run_synthesize(synth_cfg(teacher, str(tmp_path / "n40"), "count=40", "batch_size=3", "actors_max=2"))
+    exact = run_synthesize(synth_cfg(teacher, str(tmp_path / "exact"), "count=10", "rows_per_file=4", "exact=true",
+                                     "batch_size=5"))
+    assert small["count"] == 10 and large["count"] == 40 and exact["count"] == 10
+    a, b, e = records(str(tmp_path / "n10")), records(str(tmp_path / "n40")), records(str(tmp_path / "exact"))
+    # batched: the same batch_size gives the same samples whatever N, rows_per_file, actors
+    for i in range(10):
+        for col in ("image", "mask", "logits", "seed"):
+            np.testing.assert_array_equal(a[str(i)][col], b[str(i)][col])
+    # exact: one sample per forward, whatever batch_size (its identity records batch 1)
+    assert shards.open_shard_set(str(tmp_path / "exact")).manifest["identity"]["batch_size"] == 1
+    ids = list(range(10))
+    images32, logits32 = reference(teacher, ids)
+    for i in ids:
+        np.testing.assert_array_equal(e[str(i)]["image"], denormalize_image(images32[i]).numpy())
+        np.testing.assert_array_equal(e[str(i)]["logits"], logits32[i].numpy().astype(np.float16))
 
     # float16 logits keep the argmax of the float32 logits: the stored mask is argmax of the
     # float32 logits (regenerated here); argmax of the stored float16 logits gives the same
     # class wherever the float16 maximum is unique; where rounding makes a tie, argmax of
     # the float16 logits is the first tied class and the stored mask one of the tied classes
-    ids = list(range(10))
-    _, logits32 = reference(teacher, ids)
-    stored16 = np.stack([a[str(i)]["logits"] for i in ids]).astype(np.float32)
-    masks = np.stack([a[str(i)]["mask"] for i in ids])
+    stored16 = np.stack([e[str(i)]["logits"] for i in ids]).astype(np.float32)
+    masks = np.stack([e[str(i)]["mask"] for i in ids])
     np.testing.assert_array_equal(masks, logits32.argmax(dim=1).numpy())
     top = stored16.max(axis=1, keepdims=True)
     ties = (stored16 == top).sum(axis=1) > 1
@@ -189,13 +210,18 @@ def test_sample_seven_same_for_any_n_and_batch_size(teacher, tmp_path):
     assert np.all(np.take_along_axis(stored16, masks[:, None], axis=1)[:, 0][ties] == top[:, 0][ties])
     assert (~ties).sum() > 0.99 * ties.size
 
-    # exact=false batches the network: equal to the exact sample only to float rounding
+    # batched equals exact only to float rounding
+    assert np.abs(np.stack([a[str(i)]["logits"] for i in ids]).astype(np.float32) - logits32.numpy()).max() < 2e-3
+    assert np.abs(np.stack([a[str(i)]["image"] for i in ids]).astype(int)
+                  - np.stack([e[str(i)]["image"] for i in ids]).astype(int)).max() <= 1
+    # generate() in-process (the bare loop of the benchmarks) writes what the actors write
     st = teacher["state"]
-    identity = {"seed": 0, "exact": False, "sampler": "ddim", "steps": STEPS, "b": float(st["b"]), "size": 32,
-                "num_classes": 5, "num_train_timesteps": int(st["num_train_timesteps"]), "label_loss": st["label_loss"]}
-    batched = generate(teacher["model"], identity, ids, 5, "cpu")
-    assert np.abs(batched["logits"] - logits32.numpy()).max() < 1e-3
-    assert np.abs(batched["image"].astype(int) - np.stack([a[str(i)]["image"] for i in ids]).astype(int)).max() <= 1
+    identity = {"seed": 0, "exact": False, "batch_size": 3, "sampler": "ddim", "steps": STEPS, "b": float(st["b"]),
+                "size": 32, "num_classes": 5, "num_train_timesteps": int(st["num_train_timesteps"]),
+                "label_loss": st["label_loss"]}
+    gen = generate(teacher["model"], identity, list(range(4, 9)), "cpu")
+    np.testing.assert_array_equal(gen["image"], np.stack([a[str(i)]["image"] for i in range(4, 9)]))
+    assert gen["seed"] == [sample_seed(0, i) for i in range(4, 9)] and gen["nfe"] == STEPS
 
 
 def test_actor_dying_mid_range_is_retried_exactly_once(teacher, tmp_path, monkeypatch):
@@ -207,7 +233,7 @@ def test_actor_dying_mid_range_is_retried_exactly_once(teacher, tmp_path, monkey
     assert summary["ranges_written"] == [0, 1, 2]
     got = records(out)
     assert sorted(got, key=int) == [str(i) for i in range(24)]
-    images, _ = reference(teacher, [8, 15])
+    images, _ = reference(teacher, [8, 15], batch_size=8)
     np.testing.assert_array_equal(got["8"]["image"], denormalize_image(images[0]).numpy())
     np.testing.assert_array_equal(got["15"]["image"], denormalize_image(images[1]).numpy())
 

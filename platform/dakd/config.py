@@ -212,7 +212,7 @@ class SampleConfig(Strict):
     checkpoint: Location = "runs/demo/teacher/jointnet-tiny"
     output: Location = "runs/demo/samples.png"
     count: int = Field(8, ge=1)
-    sampler: Literal["ddim", "dpmsolver++"] = "ddim"
+    sampler: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
     steps: int = Field(200, ge=1)
     size: int | None = Field(None, ge=8, description="None: the training crop size")
     seed: int = 0
@@ -230,18 +230,21 @@ class SynthesizeConfig(Strict):
     teacher: Location = "runs/demo/teacher/jointnet-tiny"
     output: Location = "runs/demo/synthetic"
     count: int = Field(4480, ge=1, description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS)")
-    sampler: Literal["ddim", "dpmsolver++"] = "ddim"
+    sampler: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
     steps: int = Field(200, ge=1)
     seed: int = 0
     ema: bool = True
     size: int | None = Field(None, ge=8, description="None: the teacher's training crop size")
     real: Location | None = Field(None, description="a real shard set whose class count the teacher must match")
     rows_per_file: int = Field(64, ge=1)
-    # exact: the teacher runs one sample per forward pass, so a stored sample is bit-identical
-    # whatever N, batch_size or actor; false: batch_size samples per forward (faster on GPUs,
-    # equal only to float rounding: rare pixels may differ by one grey level / class)
-    exact: bool = True
-    batch_size: int = Field(8, ge=1, description="samples per network forward when exact is false")
+    # default: fixed batches of batch_size ids per forward (batch m = ids [m*B, (m+1)*B)), so a
+    # stored sample is bit-identical whatever N or actor on the same hardware; exact: one sample
+    # per forward, bit-identical whatever batch_size too (slower; equal to the batched samples
+    # only to float rounding: rare pixels may differ by one grey level / class)
+    exact: bool = False
+    batch_size: int = Field(8, ge=1, description="samples per network forward (part of the set's identity); "
+                                                 "best a divisor of rows_per_file")
+    compile: bool = Field(False, description="wrap the teacher in torch.compile (GPU; slow start-up)")
     actors_min: int = Field(1, ge=1)
     actors_max: int = Field(2, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0)
@@ -391,6 +394,7 @@ class EvaluateConfig(Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    compile: bool = Field(False, description="wrap the network in torch.compile (GPU; slow start-up)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -407,6 +411,7 @@ class PredictConfig(Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    compile: bool = Field(False, description="wrap the network in torch.compile (GPU; slow start-up)")
     overwrite: bool = False
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="resolves models:/ URIs")
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -62,15 +62,15 @@ def area_columns(names, counts: np.ndarray, pixel_size_m: float | None) -> dict:
 class PredictActor:
     """Ray Data actor: image URIs -> coloured mask PNGs written to `output`, class pixel counts."""
 
-    def __init__(self, model_ref, classes: dict, output: str, gpus: float, threads: int):
+    def __init__(self, model_ref, classes: dict, output: str, gpus: float, threads: int, compile: bool = False):
         import ray
         import torch
 
-        from dakd.eval.evaluate import actor_device
+        from dakd.inference import inference_device, prepare_model
 
         torch.set_num_threads(threads)
-        self.device = actor_device(gpus)
-        self.model = ray.get(model_ref[0]).to(self.device).eval()
+        self.device = inference_device(gpus)
+        self.model = prepare_model(ray.get(model_ref[0]), self.device, compile=compile)
         self.classes = class_table_from_dict(classes)
         self.output = output
 
@@ -115,7 +115,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     model_ref = [_ray.put(model)]
     ds = _ray.data.from_items([{"uri": u, "id": i} for u, i in images], override_num_blocks=max(1, min(len(images), 64)))
     out = ds.map_batches(PredictActor, fn_constructor_args=(model_ref, classes.to_dict(), cfg.output, cfg.gpus_per_actor,
-                                                            cfg.torch_threads),
+                                                            cfg.torch_threads, cfg.compile),
                          compute=ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size, num_gpus=cfg.gpus_per_actor,
                          num_cpus=cfg.cpus_per_actor, batch_format="numpy")
     rows = []

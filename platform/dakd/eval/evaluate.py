@@ -33,6 +33,7 @@ from dakd.data.shards import open_shard_set
 from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError, DataError
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
+from dakd.inference import autocast, inference_device, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def segment_logits(model: torch.nn.Module, image: np.ndarray, device: torch.devi
     """(H, W) uint8 grey image -> (C, H, W) float32 logits on CPU, at full resolution."""
     device = torch.device(device)
     x = normalize_image(torch.from_numpy(np.array(image, dtype=np.uint8)))[None, None].to(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         logits = model(x)
     return logits[0].float().cpu()
 
@@ -129,19 +130,16 @@ def load_model(uri: str, tracking: TrackingConfig | None = None) -> tuple[torch.
                                                             "selected_on": state.get("val", {}).get("split")}
 
 
-def actor_device(gpus: float) -> torch.device:
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
 class EvaluateActor:
     """Ray Data actor: shard rows -> per-image confusion matrix (+ overlay PNG for chosen ids)."""
 
-    def __init__(self, model_ref, num_classes: int, classes: dict, overlay_ids: list[str], gpus: float, threads: int):
+    def __init__(self, model_ref, num_classes: int, classes: dict, overlay_ids: list[str], gpus: float, threads: int,
+                 compile: bool = False):
         import ray
 
         torch.set_num_threads(threads)
-        self.device = actor_device(gpus)
-        self.model = ray.get(model_ref[0]).to(self.device).eval()
+        self.device = inference_device(gpus)
+        self.model = prepare_model(ray.get(model_ref[0]), self.device, compile=compile)
         self.c = num_classes
         self.classes = class_table_from_dict(classes)
         self.overlay_ids = set(overlay_ids)
@@ -165,8 +163,8 @@ def _safe_name(sid: str) -> str:
 
 def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, split: str, *, overlay_count: int = 0,
                    batch_size: int = 1, actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                   torch_threads: int = 1) -> tuple[np.ndarray, dict, dict[str, bytes]]:
-    """Segment every image of `split` with Ray Data actors; returns (summed confusion matrix
+                   torch_threads: int = 1, compile: bool = False) -> tuple[np.ndarray, dict, dict[str, bytes]]:
+    """Segment every image of `split` with Ray Data actors (set up by `dakd.inference`); returns (summed confusion matrix
     (C, C) int64, metrics of eval.metrics, {id: overlay PNG bytes})."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -185,7 +183,7 @@ def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, spl
                                columns=["id", "height", "width", "image", "mask"])
     model_ref = [ray.put(model)]  # wrapped in a list so Ray passes the reference, not the object
     out = ds.map_batches(EvaluateActor, fn_constructor_args=(model_ref, classes.num_classes, classes.to_dict(), ids,
-                                                              gpus_per_actor, torch_threads),
+                                                              gpus_per_actor, torch_threads, compile),
                          compute=ActorPoolStrategy(size=actors), batch_size=batch_size, num_gpus=gpus_per_actor,
                          num_cpus=cpus_per_actor, batch_format="numpy")
     c = classes.num_classes
@@ -225,7 +223,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     print(f"[evaluate] {prov['model']} on {cfg.shards} split {cfg.split!r} at full resolution", flush=True)
     cm, metrics, overlays = evaluate_model(model, classes, cfg.shards, cfg.split, overlay_count=cfg.overlay_count,
                                            batch_size=cfg.batch_size, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor,
-                                           cpus_per_actor=cfg.cpus_per_actor, torch_threads=cfg.torch_threads)
+                                           cpus_per_actor=cfg.cpus_per_actor, torch_threads=cfg.torch_threads,
+                                           compile=cfg.compile)
     selected_on = prov.get("selected_on")
     protocol = f"Checkpoint selected on split {selected_on!r}, reported on split {cfg.split!r} ({metrics['images']} images)."
     if selected_on == cfg.split:

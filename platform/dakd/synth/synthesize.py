@@ -10,9 +10,13 @@ object write (a local temp file + rename, an S3 PUT). Two calls never get the sa
 so two actors never write the same object; a retried call (actor died, Ray restarted it)
 rewrites its range with identical content.
 
-Exactly once. Sample i's seed is ``sample_seed(seed, i)`` and, with ``exact`` (default), the
-teacher runs on one sample at a time, so a stored sample (uint8 image, uint8 mask, float16
-logits) is bit-identical whatever N, batch size, actor or retry produced it. Each object's
+Exactly once. Sample i's seed is ``sample_seed(seed, i)``. By default the teacher runs on
+fixed batches of ``batch_size`` ids (batch m = ids [m*B, (m+1)*B), whatever the count or
+range; see `batches`), and ``batch_size`` is part of the identity, so a stored sample
+(uint8 image, uint8 mask, float16 logits) comes out bit-identical whatever N, actor or
+retry produced it on the same hardware (device, precision, torch version and threads are
+recorded in each footer). With ``exact`` the teacher runs one sample at a time: then a
+sample does not depend on the batch size either (slower; for cross-batch-size checks). Each object's
 Parquet footer records its range, the provenance identity and its class pixel counts. A
 re-run lists the output, keeps every range whose object has the expected row count and the
 same identity, and writes only the others; the manifest (kind "synthetic") is written last.
@@ -24,8 +28,8 @@ or config (different identity) is refused unless ``overwrite``.
 Fault drills (tests, ops rehearsals; read in the driver, acted on in the actors):
 ``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges (the job fails,
 finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
-samples range k dies (``os._exit``) half-way through it once (the marker file records that it
-did); Ray restarts the actor and retries the call.
+samples range k dies (``os._exit``) once, after half of it is sampled and before it is
+written (the marker file records that it did); Ray restarts the actor and retries the call.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def teacher_info(cfg: SynthesizeConfig) -> dict:
         "teacher_hash": teacher_hash, "weights": "ema" if use_ema else "model", "b": float(state["b"]),
         "sampler": cfg.sampler, "steps": int(cfg.steps), "seed": int(cfg.seed), "size": int(size),
         "num_classes": classes.num_classes, "rows_per_file": int(cfg.rows_per_file), "exact": bool(cfg.exact),
+        "batch_size": 1 if cfg.exact else int(cfg.batch_size),
         "num_train_timesteps": int(state["num_train_timesteps"]), "label_loss": state["label_loss"],
     }
     return {"location": location, "state": state, "classes": classes, "identity": identity}
@@ -177,26 +182,41 @@ def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bo
 
 
 # ---------------------------------------------------------------- generation (actor side)
-def generate(model, identity: dict, ids: list[int], batch_size: int, device) -> dict:
-    """Samples `ids` -> {"image" (n, H, W) uint8, "mask" (n, H, W) uint8, "logits" (n, C, H, W)
-    float32, "seed" [n], "nfe" per sample}. exact: one sample per sampler call (bit-identical
-    outputs whatever the batch); else chunks of batch_size."""
+def batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
+    """The network batches that cover ids [start, stop): [(m*B, (m+1)*B)] for every m with
+    an id in the range. Batch m is always the same B ids (ids outside the range are
+    generated and dropped), so sample i depends only on (seed, i, B) and the hardware, not
+    on the count, rows_per_file or the range it falls in."""
+    return [(m * batch_size, (m + 1) * batch_size) for m in range(start // batch_size, (stop - 1) // batch_size + 1)]
+
+
+def generate(model, identity: dict, ids: list[int], device, after_batch=None) -> dict:
+    """Samples of the contiguous `ids` -> {"image" (n, H, W) uint8, "mask" (n, H, W) uint8,
+    "logits" (n, C, H, W) float32, "seed" [n], "nfe" per sample}, in the fixed batches of
+    `batches(ids[0], ids[-1] + 1, identity["batch_size"])` (exact: batches of one).
+    after_batch(samples done): called after each batch (the fault drill hooks in there)."""
     from dakd.diffusion.samplers import sample
 
-    seeds = [sample_seed(identity["seed"], i) for i in ids]
-    step = 1 if identity["exact"] else batch_size
-    images, masks, logits, nfe = [], [], [], 0
-    for j in range(0, len(ids), step):
+    start, stop = ids[0], ids[-1] + 1
+    if list(ids) != list(range(start, stop)):
+        raise ValueError("generate: ids must be contiguous")
+    step = 1 if identity["exact"] else int(identity["batch_size"])
+    images, masks, logits, nfe, done = [], [], [], 0, 0
+    for lo, hi in batches(start, stop, step):
         out = sample(model, sampler=identity["sampler"], steps=identity["steps"], b=identity["b"],
-                     seeds=seeds[j : j + step], height=identity["size"], width=identity["size"], device=device,
-                     num_classes=identity["num_classes"], num_train_timesteps=identity["num_train_timesteps"],
-                     label_loss=identity["label_loss"])
-        images.append(denormalize_image(out.images[:, 0]).cpu().numpy())
-        masks.append(out.masks.cpu().numpy())
-        logits.append(out.logits.cpu().numpy())
+                     seeds=[sample_seed(identity["seed"], i) for i in range(lo, hi)], height=identity["size"],
+                     width=identity["size"], device=device, num_classes=identity["num_classes"],
+                     num_train_timesteps=identity["num_train_timesteps"], label_loss=identity["label_loss"])
+        keep = slice(max(start, lo) - lo, min(stop, hi) - lo)
+        images.append(denormalize_image(out.images[keep, 0]).cpu().numpy())
+        masks.append(out.masks[keep].cpu().numpy())
+        logits.append(out.logits[keep].cpu().numpy())
         nfe = out.nfe
+        done += keep.stop - keep.start
+        if after_batch is not None:
+            after_batch(done)
     return {"image": np.concatenate(images), "mask": np.concatenate(masks), "logits": np.concatenate(logits),
-            "seed": seeds, "nfe": nfe}
+            "seed": [sample_seed(identity["seed"], i) for i in ids], "nfe": nfe}
 
 
 def range_table(ids: list[int], gen: dict, identity: dict, teacher_location: str, footer: dict):
@@ -222,13 +242,17 @@ class SynthActor:
     def __init__(self, job: dict):
         import torch
 
+        from dakd.inference import describe_device, inference_device, precision_name, prepare_model
         from dakd.train.jointnet import load_teacher
 
         torch.set_num_threads(int(job["torch_threads"]))
         self.job = job
-        self.device = torch.device("cuda" if job["gpus_per_actor"] > 0 and torch.cuda.is_available() else "cpu")
-        self.model, _ = load_teacher(job["teacher_location"], ema=job["identity"]["weights"] == "ema")
-        self.model.to(self.device)
+        self.device = inference_device(job["gpus_per_actor"])
+        model, _ = load_teacher(job["teacher_location"], ema=job["identity"]["weights"] == "ema")
+        self.model = prepare_model(model, self.device, compile=job.get("compile", False))
+        # provenance: a re-run of a range writes the same samples on the same hardware
+        self.hardware = {"device": describe_device(self.device), "precision": precision_name(self.device),
+                         "torch": torch.__version__, "torch_threads": int(job["torch_threads"])}
         self.written = 0
 
     def _drill_die(self, k: int) -> None:
@@ -247,18 +271,18 @@ class SynthActor:
             k, start, stop = int(k), int(start), int(stop)
             t0, started_at = time.perf_counter(), time.time()
             ids = list(range(start, stop))
-            half = len(ids) // 2
-            first = generate(self.model, identity, ids[:half], job["batch_size"], self.device) if half else None
-            self._drill_die(k)  # drill: die half-way through the range, before anything is written
-            rest = generate(self.model, identity, ids[half:], job["batch_size"], self.device)
-            gen = rest if first is None else {
-                key: (first[key] + rest[key] if key == "seed" else rest[key] if key == "nfe"
-                      else np.concatenate([first[key], rest[key]])) for key in rest}
+
+            def after_batch(done: int, k=k, half=len(ids) // 2) -> None:
+                if done >= max(half, 1):
+                    self._drill_die(k)  # drill: die once half the range is sampled, before anything is written
+
+            gen = generate(self.model, identity, ids, self.device, after_batch)
             nc = identity["num_classes"]
             class_pixels = np.bincount(gen["mask"].ravel(), minlength=nc)[:nc].tolist()
             seconds = time.perf_counter() - t0
             footer = {"range": k, "start": start, "stop": stop, "identity": identity, "class_pixels": class_pixels,
-                      "seconds": seconds, "nfe_per_sample": gen["nfe"], "code_version": __version__}
+                      "seconds": seconds, "nfe_per_sample": gen["nfe"], "code_version": __version__,
+                      "hardware": self.hardware}
             name = shards.shard_name(SPLIT, k)
             size = shards.write_table(storage.join_uri(job["output"], name),
                                       range_table(ids, gen, identity, job["teacher_location"], footer))
@@ -374,7 +398,11 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     ranges = plan_ranges(cfg.count, cfg.rows_per_file)
     todo, kept = check_output(output, identity, ranges, cfg.overwrite)
     print(f"[synthesize] {cfg.count} samples in {len(ranges)} ranges of {cfg.rows_per_file} -> {output}: "
-          f"{len(kept)} ranges already complete, {len(todo)} to write", flush=True)
+          f"{len(kept)} ranges already complete, {len(todo)} to write; "
+          + ("exact (one sample per forward)" if cfg.exact else f"batches of {cfg.batch_size}"), flush=True)
+    if not cfg.exact and cfg.rows_per_file % cfg.batch_size:
+        log.warning("rows_per_file %d is not a multiple of batch_size %d: the batches that straddle two ranges are "
+                    "generated by both (wasted work)", cfg.rows_per_file, cfg.batch_size)
 
     run_id, uri = None, None
     if cfg.tracking.enabled:  # fail fast, before any compute
@@ -382,7 +410,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
         tracking.check_tracking(uri)
 
     job = {"output": output, "teacher_location": info["location"], "identity": identity,
-           "batch_size": cfg.batch_size, "torch_threads": cfg.torch_threads, "gpus_per_actor": cfg.gpus_per_actor,
+           "torch_threads": cfg.torch_threads, "gpus_per_actor": cfg.gpus_per_actor, "compile": cfg.compile,
            **_drill_env()}
     timing = {"seconds": 0.0, "samples_per_s": None, "steady_samples_per_s": None}
     new_stats: list[dict] = []
@@ -397,6 +425,8 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     missing = [k for k, _, _ in ranges if k not in by_k]
     if missing:
         raise SynthesisError(f"ranges {missing[:5]} were not written; re-run the same command")
+    hardware = [json.loads(h) for h in sorted({json.dumps(s.get("hardware"), sort_keys=True)
+                                               for s in by_k.values() if s.get("hardware")})]
     files, class_pixels, nfe = [], np.zeros(classes.num_classes, np.int64), None
     for k, start, stop in ranges:
         s = by_k[k]
@@ -423,6 +453,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
         "identity": identity,
         "b": identity["b"], "sampler": identity["sampler"], "steps": identity["steps"], "seed": identity["seed"],
         "nfe_per_sample": nfe,
+        "hardware": hardware,  # what generated the ranges (one entry per distinct set-up)
         "count": cfg.count,
         "classes": classes.to_dict(),
         "normalization": NORMALIZATION,
