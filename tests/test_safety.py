@@ -1,0 +1,125 @@
+"""Nothing lost, nothing leaked (issue 15): overwrite is a swap, outputs and run names
+cannot escape, damaged files are named errors (exit 2), credentials are redacted,
+resources stay bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dakd import storage
+from dakd.cli import main
+from dakd.config import IngestConfig, ProceduralSource, SourceConfig, load_config
+from dakd.data import shards
+from dakd.data.ingest import run_ingest
+from dakd.errors import ConfigError, DataError
+
+SOURCE = SourceConfig(kind="procedural", procedural=ProceduralSource(splits={"train": 6, "test": 2}, height=16, width=16, seed=5))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_all(root: str) -> dict[str, np.ndarray]:
+    s = shards.open_shard_set(root)
+    return {r["id"]: r["image"] for split in s.splits for r in s.iter_records(split)}
+
+
+def bad_folder_source(root) -> SourceConfig:
+    from PIL import Image
+
+    os.makedirs(root / "images")
+    os.makedirs(root / "masks")
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 9 * i, np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / f"s{i}.png")
+    (root / "images" / "s1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return SourceConfig(kind="folder", root=str(root))
+
+
+# ---------------------------------------------------------------- 1. overwrite is a swap
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_failed_overwrite_keeps_old_set_and_user_files(where, tmp_path, s3_uri, ray_local):
+    out = str(tmp_path / "real") if where == "file" else s3_uri + "/real"
+    run_ingest(IngestConfig(source=SOURCE, output=out, rows_per_file=4))
+    before = read_all(out)
+    storage.write_text(storage.join_uri(out, "data", "notes.txt"), "mine")  # a user's own file
+
+    with pytest.raises(DataError, match="s1.png"):  # a bad new source: the overwrite fails
+        run_ingest(IngestConfig(source=bad_folder_source(tmp_path / "src"), output=out, overwrite=True))
+    after = read_all(out)  # the old set is still complete and identical
+    assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)
+    assert not [u for u in storage.list_files(storage.join_uri(out, "data")) if "/gen-" in u.split("/data/", 1)[1]
+                and u not in shards.open_shard_set(out).files("train") + shards.open_shard_set(out).files("test")]
+
+    small = SOURCE.model_copy(update={"procedural": ProceduralSource(splits={"train": 2}, height=16, width=16)})
+    run_ingest(IngestConfig(source=small, output=out, overwrite=True))
+    new = shards.open_shard_set(out)
+    assert new.manifest["splits"]["train"]["count"] == 2 and "test" not in new.splits
+    left = storage.list_files(storage.join_uri(out, "data"))
+    assert sorted(left) == sorted(new.files("train") + [storage.join_uri(out, "data", "notes.txt")])
+    assert storage.read_text(storage.join_uri(out, "data", "notes.txt")) == "mine"
+
+
+def test_killed_overwrite_keeps_old_set(tmp_path, ray_local):
+    out = str(tmp_path / "real")
+    run_ingest(IngestConfig(source=SOURCE, output=out))
+    before = read_all(out)
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform"),
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dakd.cli", "ingest", "--output", out, "--overwrite", "--set", "rows_per_file=1",
+         "--set", "source.procedural.splits={train: 400}", "--set", "source.procedural.height=16",
+         "--set", "source.procedural.width=16"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while not [f for f in storage.list_files(os.path.join(out, "data")) if "/gen-" in f]:
+            assert proc.poll() is None and time.time() < deadline, "the overwrite ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # killed part-way through writing the new set
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    after = read_all(out)
+    assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_empty_or_root_like_output_refused(tmp_path):
+    for value in ["output=", "output=''", "output=/", "output=s3://bucket", f"output={os.path.expanduser('~')}"]:
+        with pytest.raises(ConfigError, match="output"):
+            load_config(IngestConfig, None, [value])
+    assert main(["ingest", "--set", "output=", "--overwrite"]) == 2
+
+
+# ---------------------------------------------------------------- 4. damaged shard sets
+def test_truncated_and_swapped_shards_are_named(tmp_path, capsys, ray_local):
+    out, other = str(tmp_path / "a"), str(tmp_path / "b")
+    run_ingest(IngestConfig(source=SOURCE, output=out, rows_per_file=4))
+    run_ingest(IngestConfig(source=SOURCE.model_copy(update={"procedural": ProceduralSource(
+        splits={"train": 3}, height=16, width=16, seed=9)}), output=other, rows_per_file=4))
+    victim = storage.resolve(shards.open_shard_set(out).files("train")[0]).path
+    good = open(victim, "rb").read()
+
+    with open(victim, "wb") as f:  # truncated
+        f.write(good[: len(good) // 2])
+    with pytest.raises(DataError, match="truncated") as err:
+        shards.open_shard_set(out)
+    assert victim in str(err.value)
+    assert main(["balance", "--set", f"shards={out}"]) == 2
+    assert victim in capsys.readouterr().err
+
+    with open(victim, "wb") as f:  # replaced by another valid shard
+        f.write(open(storage.resolve(shards.open_shard_set(other).files("train")[0]).path, "rb").read())
+    with pytest.raises(DataError) as err:
+        shards.open_shard_set(out)
+    assert victim in str(err.value) and ("rows" in str(err.value) or "bytes" in str(err.value))
+    with pytest.raises(DataError, match="not a readable Parquet"):
+        with open(victim, "wb") as f:
+            f.write(b"junk")
+        shards.read_table(shards.open_shard_set(out, verify=False).files("train")[0])
