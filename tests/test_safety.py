@@ -123,3 +123,100 @@ def test_truncated_and_swapped_shards_are_named(tmp_path, capsys, ray_local):
         with open(victim, "wb") as f:
             f.write(b"junk")
         shards.read_table(shards.open_shard_set(out, verify=False).files("train")[0])
+
+
+# ---------------------------------------------------------------- 2./5. predict: unique masks, skip, tiles
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+    import torch
+
+    from dakd.config import SarossModelConfig
+    from dakd.data.classes import OSD_CLASSES
+    from dakd.train import checkpoint as ckpt_io
+    from dakd.train.saross import KIND, arch_dict, build_student
+
+    torch.manual_seed(0)
+    model = SarossModelConfig(encoder="resnet18", decoder_channels=[8, 8, 8], caft_heads=2)
+    location = str(tmp_path_factory.mktemp("student") / "run" / "checkpoint_000")
+    ckpt_io.save_checkpoint(location, build_student(model, 5).state_dict(),
+                            {"kind": KIND, "epoch": 1, "step": 1, "arch": arch_dict(model, 5), "classes": OSD_CLASSES.to_dict()})
+    return location
+
+
+def test_predict_same_stem_two_masks_and_skip(tiny_student, tmp_path, ray_local):
+    import pyarrow.csv as pacsv
+    from PIL import Image
+
+    from dakd.config import PredictConfig
+    from dakd.predict import mask_names, run_predict
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 40), dtype=np.uint8)).save(folder / "scene.png")
+    Image.fromarray(rng.integers(0, 256, (24, 36), dtype=np.uint8)).convert("RGB").save(folder / "scene.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "junk.tif").write_bytes(b"this is not a tiff")
+    base = ["model=" + tiny_student, f"input={folder}", "tracking.enabled=false"]
+
+    with pytest.raises(DataError, match="empty.png.*0 bytes"):  # default: the first unreadable input stops the job
+        run_predict(load_config(PredictConfig, None, base + [f"output={tmp_path / 'p1'}"]))
+
+    out = tmp_path / "p2"
+    summary = run_predict(load_config(PredictConfig, None, base + [f"output={out}", "on_error=skip"]))
+    assert summary["images"] == 2
+    assert sorted(s["id"] for s in summary["skipped"]) == ["empty.png", "junk.tif"]
+    assert "not an image" in [s for s in summary["skipped"] if s["id"] == "junk.tif"][0]["reason"]
+    assert "BytesIO" not in json.dumps(summary["skipped"])
+    assert json.loads((out / "skipped.json").read_text()) == summary["skipped"]
+    rows = {r["id"]: r for r in pacsv.read_csv(out / "areas.csv").to_pylist()}
+    assert rows["scene.jpg"]["mask"] != rows["scene.png"]["mask"]
+    for image_id, (h, w) in {"scene.png": (32, 40), "scene.jpg": (24, 36)}.items():
+        assert Image.open(out / rows[image_id]["mask"]).size == (w, h)
+        assert (rows[image_id]["height"], rows[image_id]["width"]) == (h, w)
+    assert mask_names(["a.png", "b.png"]) == {"a.png": "masks/a.png", "b.png": "masks/b.png"}  # the usual layout
+    assert all(".." not in n for n in mask_names(["../../x.png", "a/../b.png"]).values())
+
+
+def test_tiled_segmentation_matches_whole_and_bounded_memory(tiny_student, tmp_path):
+    """Tiles give the whole-image answer away from tile borders, and a 6000x6000 scene is
+    predicted (decode, tiled segmentation, mask PNG) within 2 GB of peak RSS in a fresh process."""
+    import torch
+
+    from dakd.eval.evaluate import segment
+    from dakd.train.saross import load_student
+
+    model, _ = load_student(tiny_student)
+    img = np.random.default_rng(1).integers(0, 256, (96, 160), dtype=np.uint8)
+    whole = segment(model, img, tile=4096)
+    tiled = segment(model, img, tile=64, overlap=16)
+    assert tiled.shape == whole.shape and (tiled == whole).mean() > 0.5  # same model, tiles see less context
+    del torch
+
+    from PIL import Image
+
+    scene = tmp_path / "big.png"
+    ramp = np.arange(6000, dtype=np.int64)
+    Image.fromarray(((ramp[:, None] // 7 + ramp[None, :] // 13) % 256).astype(np.uint8)).save(scene)  # compresses fast
+    # the same predict_one the actors run, with a tiny stand-in network (a 3x3 conv, 5 classes) so
+    # the test costs seconds: what is measured is the job's own memory (decode, tiles, mask PNG)
+    code = f"""
+import json
+import torch
+from dakd.data.classes import OSD_CLASSES
+from dakd.predict import predict_one
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Conv2d(1, 5, 3, padding=1).eval()
+def peak_mb():  # VmHWM: this process's own peak RSS (ru_maxrss would carry the forking parent's over exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+h, w, counts = predict_one(model, OSD_CLASSES, {str(scene)!r}, {str(tmp_path / 'big-mask.png')!r})
+print(json.dumps({{"h": h, "w": w, "pixels": int(counts.sum()), "peak_mb": peak_mb()}}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("6000x6000 predict:", result)
+    assert (result["h"], result["w"], result["pixels"]) == (6000, 6000, 36_000_000)
+    assert result["peak_mb"] < 2048

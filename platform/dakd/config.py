@@ -403,6 +403,8 @@ class PredictConfig(Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
     overwrite: bool = False
+    on_error: Literal["fail", "skip"] = Field("fail", description="an unreadable input: fail, or skip it and list it "
+                                                                  "in skipped.json and the summary")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="resolves models:/ URIs")
     ray: RayConfig = Field(default_factory=RayConfig)
 
