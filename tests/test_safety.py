@@ -220,3 +220,52 @@ print(json.dumps({{"h": h, "w": w, "pixels": int(counts.sum()), "peak_mb": peak_
     print("6000x6000 predict:", result)
     assert (result["h"], result["w"], result["pixels"]) == (6000, 6000, 36_000_000)
     assert result["peak_mb"] < 2048
+
+
+# ---------------------------------------------------------------- 3. credentials and buckets
+def test_password_in_tracking_uri_never_leaves_the_process(tiny_student, tmp_path, capsys, ray_local, mlflow_server):
+    import mlflow
+
+    from dakd.redact import redact
+
+    assert redact("http://alice:PW@host/x?token=abc&b=1") == "http://alice:***@host/x?token=***&b=1"
+    secret = "S3cr3t-PW"
+    tracked = mlflow_server.replace("http://", f"http://alice:{secret}@")  # the server ignores the credentials
+    real = str(tmp_path / "real")
+    run_ingest(IngestConfig(source=SOURCE, output=real))
+    args = ["evaluate", "--set", f"checkpoint={tiny_student}", "--set", f"shards={real}", "--output", str(tmp_path / "ev"),
+            "--set", f"tracking.uri={tracked}", "--set", "tracking.experiment=redact-test", "--set", "overlay_count=0"]
+    # the whole job as a user runs it: every line it prints (stdout, stderr, logs) is checked
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform"),
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    job = subprocess.run([sys.executable, "-m", "dakd.cli", *args, "--json"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, redact(job.stderr[-3000:])
+    assert secret not in job.stdout + job.stderr
+    assert main([*args, "--print-config"]) == 0
+    dead = f"http://alice:{secret}@127.0.0.1:9/"  # nothing listens on port 9: the job fails, naming the server
+    assert main([*args, "--set", f"tracking.uri={dead}", "--json"]) == 2
+    assert main(["evaluate", "--set", f"tracking.uri={dead}", "--set", "tracking.enabled=maybe"]) == 2  # config error
+    seen = capsys.readouterr()
+    assert "alice:***@" in seen.out and "alice:***@" in seen.err and secret not in seen.out + seen.err
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("redact-test").experiment_id])
+    assert runs
+    for run in runs:
+        assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+        assert run.data.params["tracking.uri"] == redact(tracked)
+
+
+def test_misspelled_bucket_is_an_error_never_created(tmp_path, s3_server, ray_local):
+    import boto3
+
+    from dakd.errors import StorageError
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    with pytest.raises(StorageError, match="'nonexistent-bucket-x' does not exist"):
+        run_ingest(IngestConfig(source=SOURCE, output="s3://nonexistent-bucket-x/real"))
+    assert "nonexistent-bucket-x" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    run_ingest(IngestConfig(source=SOURCE, output="s3://created-on-request/real", create_bucket=True))
+    assert "created-on-request" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert shards.open_shard_set("s3://created-on-request/real").manifest["splits"]["train"]["count"] == 6

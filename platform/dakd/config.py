@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dakd.errors import ConfigError
+from dakd.redact import redact
 
 
 class Strict(BaseModel):
@@ -121,6 +122,7 @@ class IngestConfig(Strict):
 
     source: SourceConfig = Field(default_factory=SourceConfig)
     output: Output = "runs/demo/real"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     rows_per_file: int = Field(256, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     overwrite: bool = False
@@ -200,6 +202,7 @@ class TrainJointNetConfig(DataParallel):
 
     shards: Location = "runs/demo/real"
     output: Output = "runs/demo/teacher"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     run_name: RunName = "jointnet"
     run_stages: list[Literal[1, 2, 3]] = Field(default_factory=lambda: [1, 2, 3])
     init_checkpoint: Location | None = None
@@ -255,6 +258,7 @@ class SynthesizeConfig(Strict):
 
     teacher: Location = "runs/demo/teacher/jointnet-tiny"
     output: Output = "runs/demo/synthetic"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     count: int = Field(4480, ge=1, description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS)")
     sampler: Literal["ddim", "dpmsolver++"] = "ddim"
     steps: int = Field(200, ge=1)
@@ -341,6 +345,7 @@ class TrainSarossConfig(DataParallel):
     shards: Location = "runs/demo/real"
     synthetic: Location | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
     output: Output = "runs/demo/student"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     run_name: RunName = "saross"
     model: SarossModelConfig = Field(default_factory=SarossModelConfig)
     loss: SarossLossConfig = Field(default_factory=SarossLossConfig)
@@ -379,6 +384,7 @@ class EvaluateConfig(Strict):
     shards: Location = "runs/demo/real"
     split: str = "test"
     output: Output = "runs/demo/eval"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     name: str | None = Field(None, description="row name in the table (default: the checkpoint's run name)")
     overlay_count: int = Field(4, ge=0)
     batch_size: int = Field(1, ge=1)
@@ -396,6 +402,7 @@ class PredictConfig(Strict):
     model: Location = Field("runs/demo/student/soft", description="checkpoint URI, run dir, or models:/<name>/<version>")
     input: Location = "runs/demo/predict-in"
     output: Output = "runs/demo/predict"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     pixel_size_m: float | None = Field(None, gt=0, description="ground size of a pixel (m); adds km² areas")
     batch_size: int = Field(1, ge=1)
     actors: int = Field(1, ge=1)
@@ -423,6 +430,7 @@ class TuneConfig(Strict):
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="re-running a name resumes it")
     output: Output = "runs/demo/tune"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     level: Literal["student", "teacher"] = "student"
     space: dict[str, dict[str, list]] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1, description="samples of the random dimensions per grid point")
@@ -460,6 +468,7 @@ class PipelineConfig(Strict):
     `ray` and `tracking`, so those fields in the sections are ignored."""
 
     output: Output = "runs/demo"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     stages: list[PipelineStage] = Field(default_factory=lambda: list(PIPELINE_STAGES))
     source: SourceConfig = Field(default_factory=SourceConfig)
     rows_per_file: int = Field(256, ge=1)
@@ -548,7 +557,7 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
             msg = err["msg"]
         got = err.get("input")
         got_text = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-        lines.append(f"  {where}: {msg}{got_text}")
+        lines.append(redact(f"  {where}: {msg}{got_text}"))
     return "\n".join(lines)
 
 

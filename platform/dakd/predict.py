@@ -148,7 +148,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     parquet_uri = storage.join_uri(cfg.output, f"{AREAS}.parquet")
     if storage.exists(parquet_uri) and not cfg.overwrite:
         raise DataError(cfg.output, "already holds predictions (areas.parquet); pass --overwrite to replace them")
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
     model, classes, prov = load_model(cfg.model, cfg.tracking)
     init_ray(cfg.ray)

@@ -133,7 +133,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     refs, problems = reader.list_pairs()  # raises DataError for a missing/empty source
     if problems and cfg.on_error == "fail":
         raise _first_error(problems)
-    storage.ensure_dir(output)
+    storage.ensure_dir(output, create_bucket=cfg.create_bucket)
     storage.check_writable(output)
     old = _refuse_existing(output, cfg.overwrite)
     generation = shards.new_generation()

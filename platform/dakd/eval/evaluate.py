@@ -249,7 +249,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     model, classes, prov = load_model(cfg.checkpoint, cfg.tracking)
     where = str(prov["model"]).rstrip("/")
     name = cfg.name or (where if where.startswith(("models:/", "runs:/")) else where.split("/")[-2])
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
     run_id, uri = None, None
     if cfg.tracking.enabled:

@@ -369,7 +369,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     if cfg.real:
         check_real_classes(cfg.real, classes)
     output = cfg.output
-    storage.ensure_dir(output)
+    storage.ensure_dir(output, create_bucket=cfg.create_bucket)
     storage.check_writable(output)
     ranges = plan_ranges(cfg.count, cfg.rows_per_file)
     todo, kept = check_output(output, identity, ranges, cfg.overwrite)

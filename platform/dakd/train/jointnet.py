@@ -329,7 +329,7 @@ def _fit(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: 
     loop_cfg.update(mlflow_run_id=run_id, tracking_uri=uri, fail_at_step=int(fail_at) if fail_at else None)
 
     loc = storage.resolve(cfg.output)
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

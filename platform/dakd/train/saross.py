@@ -297,7 +297,7 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
     loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
                 "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch}
     loc = storage.resolve(cfg.output)
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
