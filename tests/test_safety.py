@@ -269,3 +269,119 @@ def test_misspelled_bucket_is_an_error_never_created(tmp_path, s3_server, ray_lo
     run_ingest(IngestConfig(source=SOURCE, output="s3://created-on-request/real", create_bucket=True))
     assert "created-on-request" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
     assert shards.open_shard_set("s3://created-on-request/real").manifest["splits"]["train"]["count"] == 6
+
+
+# ---------------------------------------------------------------- 4. damaged checkpoints, teacher checked on the driver
+def _copy_checkpoint(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _edit_state(location: str, **changes) -> None:
+    path = os.path.join(location, "state.json")
+    state = json.loads(open(path).read())
+    for k, v in changes.items():
+        if v is None:
+            state.pop(k, None)
+        else:
+            state[k] = v
+    open(path, "w").write(json.dumps(state))
+
+
+def test_damaged_checkpoints_exit_2_naming_the_file(tiny_student, tmp_path, capsys):
+    from dakd.train.checkpoint import read_state
+    from dakd.train.saross import load_student
+
+    assert len(read_state(tiny_student)["weights_sha256"]["model.safetensors"]) == 64
+    good = open(os.path.join(tiny_student, "model.safetensors"), "rb").read()
+
+    def evaluate(location) -> str:
+        assert main(["evaluate", "--set", f"checkpoint={location}", "--output", str(tmp_path / "ev"),
+                     "--set", "tracking.enabled=false"]) == 2
+        return capsys.readouterr().err
+
+    flipped = _copy_checkpoint(tiny_student, tmp_path / "flipped")  # same size, one byte changed
+    data = bytearray(good)
+    data[len(data) - 10] ^= 0xFF
+    open(os.path.join(flipped, "model.safetensors"), "wb").write(bytes(data))
+    err = evaluate(flipped)
+    assert os.path.join(flipped, "model.safetensors") in err and "sha256" in err
+
+    truncated = _copy_checkpoint(tiny_student, tmp_path / "truncated")
+    open(os.path.join(truncated, "model.safetensors"), "wb").write(good[: len(good) // 3])
+    _edit_state(truncated, weights_sha256=None)  # an older checkpoint: no hash, the file itself is checked
+    err = evaluate(truncated)
+    assert os.path.join(truncated, "model.safetensors") in err and "safetensors" in err
+
+    header = _copy_checkpoint(tiny_student, tmp_path / "header")
+    open(os.path.join(header, "model.safetensors"), "wb").write((2**62).to_bytes(8, "little") + b"{}" + b"\0" * 64)
+    _edit_state(header, weights_sha256=None)
+    assert os.path.join(header, "model.safetensors") in evaluate(header)
+
+    junk = _copy_checkpoint(tiny_student, tmp_path / "junk")
+    open(os.path.join(junk, "state.json"), "w").write("{not json")
+    assert os.path.join(junk, "state.json") in evaluate(junk)
+
+    huge = _copy_checkpoint(tiny_student, tmp_path / "huge")
+    state = json.loads(open(os.path.join(huge, "state.json")).read())
+    _edit_state(huge, arch={**state["arch"], "decoder_channels": [1e9, 8, 8]})
+    err = evaluate(huge)
+    assert os.path.join(huge, "state.json") in err and "decoder_channels" in err
+
+    old = _copy_checkpoint(tiny_student, tmp_path / "old")  # written before hashes were recorded: still loads
+    _edit_state(old, weights_sha256=None)
+    model, _ = load_student(old)
+    assert model is not None
+
+
+def test_broken_teacher_fails_on_the_driver_before_actors(tmp_path, monkeypatch):
+    import torch
+
+    from dakd.config import SynthesizeConfig
+    from dakd.data.classes import OSD_CLASSES
+    from dakd.models.jointnet import JointNet
+    from dakd.synth import synthesize
+    from dakd.train import checkpoint as ckpt_io
+
+    torch.manual_seed(0)
+    net = JointNet(in_channels_image=1, num_classes=5, block_out_channels=(8, 16), layers_per_block=1,
+                   attention_levels=(1,), norm_num_groups=4, attention_head_dim=4, sample_size=32)
+    teacher = str(tmp_path / "teacher")
+    ckpt_io.save_checkpoint(teacher, net.state_dict(), {"kind": "sar-jointnet", "arch": net.arch_dict(), "step": 1,
+                                                         "classes": OSD_CLASSES.to_dict(), "b": 0.5,
+                                                         "num_train_timesteps": 100, "label_loss": "ce"})
+
+    def no_actors(*args, **kwargs):
+        raise AssertionError("actors were started for a broken teacher")
+
+    monkeypatch.setattr(synthesize, "run_ranges", no_actors)
+    cfg = load_config(SynthesizeConfig, None, [f"teacher={teacher}", f"output={tmp_path / 'syn'}", "count=2", "steps=1",
+                                              "tracking.enabled=false"])
+    weights = os.path.join(teacher, "model.safetensors")
+    good = open(weights, "rb").read()
+    open(weights, "wb").write(good[: len(good) // 2])
+    with pytest.raises(DataError, match="sha256") as err:  # recorded hash: a damaged file is caught by it
+        synthesize.run_synthesize(cfg)
+    assert weights in str(err.value)
+    _edit_state(teacher, weights_sha256=None)
+    with pytest.raises(DataError, match="safetensors") as err:  # no hash (older checkpoint): loading it fails
+        synthesize.run_synthesize(cfg)
+    assert weights in str(err.value)
+
+
+# ---------------------------------------------------------------- 5. bounded planning
+def test_synthesize_count_bounded_and_ranges_lazy():
+    from dakd.config import SynthesizeConfig
+    from dakd.synth.synthesize import plan_ranges
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="count"):
+        load_config(SynthesizeConfig, None, [f"count={10**12}"])
+    with pytest.raises(ConfigError, match="rows_per_file"):
+        plan_ranges(10**8, 1)
+    plan = plan_ranges(10**8, 64)  # lazy: nothing is built for 1.56 million ranges
+    assert time.perf_counter() - t0 < 5
+    assert len(plan) == 1_562_500 and plan[-1] == (1_562_499, 99_999_936, 100_000_000)
+    assert list(plan_ranges(10, 4)) == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]

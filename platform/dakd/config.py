@@ -259,7 +259,8 @@ class SynthesizeConfig(Strict):
     teacher: Location = "runs/demo/teacher/jointnet-tiny"
     output: Output = "runs/demo/synthetic"
     create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
-    count: int = Field(4480, ge=1, description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS)")
+    count: int = Field(4480, ge=1, le=100_000_000,
+                       description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS); at most 10^8")
     sampler: Literal["ddim", "dpmsolver++"] = "ddim"
     steps: int = Field(200, ge=1)
     seed: int = 0

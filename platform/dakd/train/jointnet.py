@@ -110,7 +110,7 @@ def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
         raise ConfigError(f"{location}: not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
     model = JointNet.from_arch(state["arch"])
     use_ema = ema and storage.exists(storage.join_uri(location, ckpt_io.EMA_FILE))
-    model.load_state_dict(ckpt_io.load_weights(location, ema=use_ema))
+    ckpt_io.load_state_into(model, location, ema=use_ema)
     state["location"] = location
     state["weights"] = "ema" if use_ema else "model"
     return model.eval(), state

@@ -71,7 +71,7 @@ def load_student(uri: str) -> tuple[SAROSSNet, dict]:
         raise ConfigError(f"{location}: not a SAROSS-Net checkpoint (kind {state.get('kind')!r}, expected {KIND!r})")
     arch = state["arch"]
     model = build_student(arch, arch["num_classes"], arch["in_chans"], pretrained=False)
-    model.load_state_dict(ckpt_io.load_weights(location))
+    ckpt_io.load_state_into(model, location)
     state["location"] = location
     return model.eval(), state
 
