@@ -47,10 +47,11 @@ def segment_logits(model: torch.nn.Module, image: np.ndarray, device: torch.devi
     return logits[0].float().cpu()
 
 
-# Scenes larger than TILE pixels on a side are segmented in overlapping TILE x TILE tiles:
+# Scenes larger than TILE pixels on a side (OSD 650x1250 stays whole) are segmented in
+# overlapping TILE x TILE tiles:
 # memory is then set by the tile, not the scene (a 6000x6000 scene in well under 2 GB).
-TILE = 1024
-TILE_OVERLAP = 64
+TILE = 2048
+TILE_OVERLAP = 128
 
 
 def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
