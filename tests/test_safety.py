@@ -97,6 +97,18 @@ def test_empty_or_root_like_output_refused(tmp_path):
     assert main(["ingest", "--set", "output=", "--overwrite"]) == 2
 
 
+# ---------------------------------------------------------------- 2. run names stay under the output
+def test_run_name_cannot_leave_the_output():
+    from dakd.config import TrainJointNetConfig, TrainSarossConfig
+
+    for model in (TrainJointNetConfig, TrainSarossConfig):
+        for bad in ["../x", "../../escaped", "/etc/x", "a/b", ".hidden", ""]:
+            with pytest.raises(ConfigError, match="run_name"):
+                load_config(model, None, [f"run_name={bad!r}"])
+        assert load_config(model, None, ["run_name=jointnet-osd_2.1"]).run_name == "jointnet-osd_2.1"
+    assert main(["train-saross", "--set", "run_name=/etc/x"]) == 2
+
+
 # ---------------------------------------------------------------- 4. damaged shard sets
 def test_truncated_and_swapped_shards_are_named(tmp_path, capsys, ray_local):
     out, other = str(tmp_path / "a"), str(tmp_path / "b")

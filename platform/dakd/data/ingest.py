@@ -112,8 +112,12 @@ def _swap_in(output: str, manifest: dict, old: dict | None) -> None:
 
 
 def _discard_generation(output: str, generation: str) -> None:
-    """After a failed run: remove this run's own generation prefix (never anything else)."""
+    """After a failed run: remove this run's own generation prefix (never anything else,
+    and not once the manifest names it: an interruption after the swap keeps the new set)."""
     try:
+        current = shards.read_manifest(output) or {}
+        if any(p.startswith(f"data/{generation}/") for p in shards.listed_files(current)):
+            return
         storage.delete_dir(storage.join_uri(output, "data", generation))
     except Exception as exc:  # noqa: BLE001 - the run's own error matters more
         log.warning("could not remove the failed run's files under %s/data/%s: %s", output, generation, exc)
