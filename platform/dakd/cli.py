@@ -16,6 +16,7 @@ from typing import Callable
 
 from dakd.config import JOB_CONFIGS, PRESET_SECTIONS, load_config, preset_names
 from dakd.errors import DakdError
+from dakd.redact import RedactingFilter, redact, redact_obj, redacted_std_streams
 
 
 # job -> "module:function" that runs it (imported lazily so --help stays fast)
@@ -99,7 +100,7 @@ def run_job(job: str, args: argparse.Namespace) -> dict:
     preset = getattr(args, "preset", None)
     cfg = load_config(JOB_CONFIGS[job], args.config, overrides, preset=(preset, job) if preset else None)
     if args.print_config:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(json.dumps(redact_obj(cfg.model_dump(mode="json")), indent=2))
         return {}
     return _runner(job)(cfg)
 
@@ -107,6 +108,9 @@ def run_job(job: str, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None, job: str | None = None) -> int:
     """Entry point of `dakd` (and, with `job`, of `python jobs/<job>.py`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # credentials never reach a log line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     argv = list(sys.argv[1:] if argv is None else argv)
     if job is not None:
         parser = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=JOB_HELP[job])
@@ -116,14 +120,15 @@ def main(argv: list[str] | None = None, job: str | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        summary = run_job(args.job, args)
+        with redacted_std_streams():  # libraries (MLflow) print tracking URIs straight to stdout
+            summary = run_job(args.job, args)
     except DakdError as exc:
-        print(f"dakd {args.job}: error: {exc}", file=sys.stderr, flush=True)
+        print(redact(f"dakd {args.job}: error: {exc}"), file=sys.stderr, flush=True)
         if args.json:
-            print(json.dumps({"job": args.job, "ok": False, "error": str(exc)}), flush=True)
+            print(json.dumps({"job": args.job, "ok": False, "error": redact(exc)}), flush=True)
         return 2
     if args.json and not args.print_config:
-        print(json.dumps({"ok": True, **summary}, default=str), flush=True)
+        print(json.dumps(redact_obj({"ok": True, **summary}), default=str), flush=True)
     return 0
 
 

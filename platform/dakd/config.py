@@ -9,12 +9,14 @@ ConfigError naming the field and what was expected.
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dakd.errors import ConfigError
+from dakd.redact import redact
 
 
 class Strict(BaseModel):
@@ -33,6 +35,38 @@ def _absolute(uri: str) -> str:
 
 # A storage location in config: a local path (made absolute), file://, s3://, or models:/.
 Location = Annotated[str, AfterValidator(_absolute)]
+
+
+def _output(uri: str) -> str:
+    """An output location a job may write (and, with overwrite, replace files) under:
+    never empty (it would mean the current directory), a filesystem root, the home folder
+    or a whole bucket."""
+    if not str(uri).strip():
+        raise ValueError("empty: expected a folder (path, file:// or s3://bucket/prefix); an empty value "
+                         "would write into the current directory")
+    uri = _absolute(str(uri).strip())
+    if uri.startswith("s3://"):
+        if "/" not in uri[len("s3://"):].strip("/"):
+            raise ValueError(f"{uri}: a whole bucket; expected s3://bucket/prefix")
+        return uri
+    path = os.path.normpath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if "://" not in path and (os.path.dirname(path) == path or path == os.path.expanduser("~")):
+        raise ValueError(f"{uri}: a filesystem root or the home folder; expected a folder of its own")
+    return uri
+
+
+def _path_segment(name: str) -> str:
+    """A name that becomes one path segment under an output root (run names): letters,
+    digits, '.', '_' and '-', not starting with '.', so it can never leave the root."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", name or ""):
+        raise ValueError(f"{name!r}: expected one folder name of letters, digits, '.', '_' or '-' "
+                         "(no '/', no leading '.'), so it stays under the output root")
+    return name
+
+
+# An output location (see _output) and a run name (one path segment under it).
+Output = Annotated[str, AfterValidator(_output)]
+RunName = Annotated[str, AfterValidator(_path_segment)]
 
 
 # ---------------------------------------------------------------- shared sections
@@ -94,7 +128,8 @@ class IngestConfig(Strict):
     """`dakd ingest`: a source -> a Parquet shard set at `output`."""
 
     source: SourceConfig = Field(default_factory=SourceConfig)
-    output: Location = "runs/demo/real"
+    output: Output = "runs/demo/real"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     rows_per_file: int = Field(256, ge=1)
     on_error: Literal["fail", "skip"] = "fail"
     overwrite: bool = False
@@ -173,8 +208,9 @@ class TrainJointNetConfig(DataParallel):
     """`dakd train-jointnet`: SAR-JointNet in three stages on Ray Train (DDP)."""
 
     shards: Location = "runs/demo/real"
-    output: Location = "runs/demo/teacher"
-    run_name: str = "jointnet"
+    output: Output = "runs/demo/teacher"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
+    run_name: RunName = "jointnet"
     run_stages: list[Literal[1, 2, 3]] = Field(default_factory=lambda: [1, 2, 3])
     init_checkpoint: Location | None = None
     model: JointNetModelConfig = Field(default_factory=JointNetModelConfig)
@@ -210,7 +246,7 @@ class SampleConfig(Strict):
     """`dakd sample`: N samples from a SAR-JointNet checkpoint to a PNG grid."""
 
     checkpoint: Location = "runs/demo/teacher/jointnet-tiny"
-    output: Location = "runs/demo/samples.png"
+    output: Output = "runs/demo/samples.png"
     count: int = Field(8, ge=1)
     sampler: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
     steps: int = Field(200, ge=1)
@@ -228,8 +264,10 @@ class SynthesizeConfig(Strict):
     """
 
     teacher: Location = "runs/demo/teacher/jointnet-tiny"
-    output: Location = "runs/demo/synthetic"
-    count: int = Field(4480, ge=1, description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS)")
+    output: Output = "runs/demo/synthetic"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
+    count: int = Field(4480, ge=1, le=100_000_000,
+                       description="N: sample ids 0..N-1 (paper: 4,480 OSD, 6,400 SOS); at most 10^8")
     sampler: Literal["ddim", "dpmsolver++", "unipc"] = "ddim"
     steps: int = Field(200, ge=1)
     seed: int = 0
@@ -341,8 +379,9 @@ class TrainSarossConfig(DataParallel):
 
     shards: Location = "runs/demo/real"
     synthetic: Location | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
-    output: Location = "runs/demo/student"
-    run_name: str = "saross"
+    output: Output = "runs/demo/student"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
+    run_name: RunName = "saross"
     model: SarossModelConfig = Field(default_factory=SarossModelConfig)
     loss: SarossLossConfig = Field(default_factory=SarossLossConfig)
     train_split: str = "train"
@@ -386,7 +425,8 @@ class EvaluateConfig(Strict):
     checkpoint: Location = "runs/demo/student/soft"
     shards: Location = "runs/demo/real"
     split: str = "test"
-    output: Location = "runs/demo/eval"
+    output: Output = "runs/demo/eval"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     name: str | None = Field(None, description="row name in the table (default: the checkpoint's run name)")
     overlay_count: int = Field(4, ge=0)
     batch_size: int = Field(1, ge=1)
@@ -404,7 +444,8 @@ class PredictConfig(Strict):
 
     model: Location = Field("runs/demo/student/soft", description="checkpoint URI, run dir, or models:/<name>/<version>")
     input: Location = "runs/demo/predict-in"
-    output: Location = "runs/demo/predict"
+    output: Output = "runs/demo/predict"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     pixel_size_m: float | None = Field(None, gt=0, description="ground size of a pixel (m); adds km² areas")
     batch_size: int = Field(1, ge=1)
     actors: int = Field(1, ge=1)
@@ -413,6 +454,8 @@ class PredictConfig(Strict):
     torch_threads: int = Field(1, ge=1)
     compile: bool = Field(False, description="wrap the network in torch.compile (GPU; slow start-up)")
     overwrite: bool = False
+    on_error: Literal["fail", "skip"] = Field("fail", description="an unreadable input: fail, or skip it and list it "
+                                                                  "in skipped.json and the summary")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="resolves models:/ URIs")
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -430,7 +473,8 @@ class TuneConfig(Strict):
     """
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="re-running a name resumes it")
-    output: Location = "runs/demo/tune"
+    output: Output = "runs/demo/tune"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     level: Literal["student", "teacher"] = "student"
     space: dict[str, dict[str, list]] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1, description="samples of the random dimensions per grid point")
@@ -467,7 +511,8 @@ class PipelineConfig(Strict):
     that job's own config; the pipeline sets its input/output locations (under `output`),
     `ray` and `tracking`, so those fields in the sections are ignored."""
 
-    output: Location = "runs/demo"
+    output: Output = "runs/demo"
+    create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     stages: list[PipelineStage] = Field(default_factory=lambda: list(PIPELINE_STAGES))
     source: SourceConfig = Field(default_factory=SourceConfig)
     rows_per_file: int = Field(256, ge=1)
@@ -556,7 +601,7 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
             msg = err["msg"]
         got = err.get("input")
         got_text = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-        lines.append(f"  {where}: {msg}{got_text}")
+        lines.append(redact(f"  {where}: {msg}{got_text}"))
     return "\n".join(lines)
 
 

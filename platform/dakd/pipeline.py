@@ -186,6 +186,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
     from dakd import tracking
 
     real = real_shards_uri(cfg)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)  # the one place a pipeline may create a bucket
     uri = parent = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)

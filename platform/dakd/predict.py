@@ -4,7 +4,11 @@ Input: every image file under `input` (a path, file:// or s3:// prefix; suffixes
 folder reader: .png .jpg .jpeg .tif .tiff .bmp; searched recursively), read as 8-bit grey
 (data.readers.decode_grey), segmented at full resolution by Ray Data actors.
 Output under `output`:
-    masks/<relative path without suffix>.png   coloured class map (the class table's colours)
+    masks/<relative path without suffix>.png   coloured class map (the class table's colours);
+                                               when two inputs share that name (scene.jpg and
+                                               scene.png), each keeps its suffix: scene.jpg.png
+    skipped.json                               with on_error=skip: the inputs that could not be
+                                               read, each with its reason
     areas.parquet, areas.csv                   one row per image: id (relative path), height,
                                                width, pixels_<class>, and with pixel_size_m
                                                area_km2_<class> = pixels * pixel_size_m^2 / 1e6
@@ -15,6 +19,7 @@ an MLflow model URI `models:/<name>/<version>` (tracking.uri / MLFLOW_TRACKING_U
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -46,9 +51,28 @@ def list_images(root: str) -> list[tuple[str, str]]:
     return found
 
 
-def mask_name(image_id: str) -> str:
-    stem = image_id.rsplit(".", 1)[0] if "." in image_id.rsplit("/", 1)[-1] else image_id
+def _safe_relative(image_id: str) -> str:
+    """An id (a path relative to the input, possibly an object key) as a relative path that
+    stays under the output: empty, '.' and '..' segments become '_'."""
+    return "/".join(p if p not in ("", ".", "..") else "_" for p in str(image_id).split("/"))
+
+
+def mask_name(image_id: str, keep_suffix: bool = False) -> str:
+    """masks/<id without its suffix>.png (with keep_suffix, the suffix stays: masks/<id>.png)."""
+    rel = _safe_relative(image_id)
+    stem = rel if keep_suffix or "." not in rel.rsplit("/", 1)[-1] else rel.rsplit(".", 1)[0]
     return f"masks/{stem}.png"
+
+
+def mask_names(ids: list[str]) -> dict[str, str]:
+    """{id: mask name}, unique: ids that would share a mask name keep their suffixes."""
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[mask_name(i).lower()] = counts.get(mask_name(i).lower(), 0) + 1
+    names = {i: mask_name(i, keep_suffix=counts[mask_name(i).lower()] > 1) for i in ids}
+    if len({n.lower() for n in names.values()}) != len(names):  # e.g. "a.png" beside a folder file "a.png.png"
+        names = {i: f"masks/{k:06d}-{_safe_relative(i).replace('/', '_')}.png" for k, i in enumerate(sorted(ids))}
+    return names
 
 
 def area_columns(names, counts: np.ndarray, pixel_size_m: float | None) -> dict:
@@ -75,21 +99,38 @@ class PredictActor:
         self.output = output
 
     def __call__(self, batch: dict) -> dict:
-        from dakd.data.readers import decode_grey
-        from dakd.eval.evaluate import segment
-        from dakd.tracking import png_bytes
-
         c = self.classes.num_classes
-        heights, widths, counts = [], [], []
-        for uri, image_id in zip(batch["uri"], batch["id"]):
-            image = decode_grey(storage.read_bytes(str(uri)), str(uri))
-            pred = segment(self.model, image, self.device)
-            storage.write_bytes(storage.join_uri(self.output, mask_name(str(image_id))), png_bytes(self.classes.colorize(pred)))
-            heights.append(image.shape[0])
-            widths.append(image.shape[1])
-            counts.append(np.bincount(pred.ravel(), minlength=c)[:c].astype(np.int64))
-        return {"id": batch["id"], "uri": batch["uri"], "height": np.array(heights), "width": np.array(widths),
-                "counts": np.stack(counts)}
+        heights, widths, counts, errors = [], [], [], []
+        for uri, mask in zip(batch["uri"], batch["mask"]):
+            try:  # a bad input is reported back, never a traceback: the driver fails or skips it
+                h, w, n = predict_one(self.model, self.classes, str(uri), storage.join_uri(self.output, str(mask)),
+                                      self.device)
+                err = ""
+            except DataError as exc:
+                h, w, n, err = 0, 0, np.zeros(c, np.int64), exc.reason
+            heights.append(h)
+            widths.append(w)
+            counts.append(n)
+            errors.append(err)
+        return {"id": batch["id"], "uri": batch["uri"], "mask": batch["mask"], "height": np.array(heights),
+                "width": np.array(widths), "counts": np.stack(counts), "error": np.array(errors, dtype=object)}
+
+
+def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[int, int, np.ndarray]:
+    """Read one image, segment it (tiled when large), write its coloured mask to `mask_uri`;
+    returns (height, width, pixel counts per class). DataError naming the file when it
+    cannot be read as an image."""
+    from dakd.data.readers import decode_grey
+    from dakd.eval.evaluate import segment
+    from dakd.tracking import png_bytes
+
+    image = decode_grey(storage.read_bytes(uri), uri)
+    pred = segment(model, image, device)
+    del image
+    c = classes.num_classes
+    counts = np.bincount(pred.ravel(), minlength=c)[:c].astype(np.int64)
+    storage.write_bytes(mask_uri, png_bytes(classes.colorize(pred)))
+    return pred.shape[0], pred.shape[1], counts
 
 
 def run_predict(cfg: PredictConfig) -> dict:
@@ -107,24 +148,36 @@ def run_predict(cfg: PredictConfig) -> dict:
     parquet_uri = storage.join_uri(cfg.output, f"{AREAS}.parquet")
     if storage.exists(parquet_uri) and not cfg.overwrite:
         raise DataError(cfg.output, "already holds predictions (areas.parquet); pass --overwrite to replace them")
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
     model, classes, prov = load_model(cfg.model, cfg.tracking)
     init_ray(cfg.ray)
     print(f"[predict] {len(images)} image(s) under {cfg.input} with {prov['model']}", flush=True)
     model_ref = [_ray.put(model)]
-    ds = _ray.data.from_items([{"uri": u, "id": i} for u, i in images], override_num_blocks=max(1, min(len(images), 64)))
+    names = mask_names([i for _, i in images])
+    ds = _ray.data.from_items([{"uri": u, "id": i, "mask": names[i]} for u, i in images],
+                              override_num_blocks=max(1, min(len(images), 64)))
     out = ds.map_batches(PredictActor, fn_constructor_args=(model_ref, classes.to_dict(), cfg.output, cfg.gpus_per_actor,
                                                             cfg.torch_threads, cfg.compile),
                          compute=ActorPoolStrategy(size=cfg.actors), batch_size=cfg.batch_size, num_gpus=cfg.gpus_per_actor,
                          num_cpus=cfg.cpus_per_actor, batch_format="numpy")
-    rows = []
+    rows, skipped = [], []
     for row in out.iter_rows():
-        rows.append({"id": str(row["id"]), "mask": mask_name(str(row["id"])), "height": int(row["height"]),
+        if row["error"]:
+            if cfg.on_error == "fail":
+                raise DataError(str(row["uri"]), f"{row['error']} (use --on-error skip to skip unreadable inputs)")
+            skipped.append({"id": str(row["id"]), "path": str(row["uri"]), "reason": str(row["error"])})
+            print(f"[predict] skipped {row['uri']}: {row['error']}", flush=True)
+            continue
+        rows.append({"id": str(row["id"]), "mask": str(row["mask"]), "height": int(row["height"]),
                      "width": int(row["width"]), **area_columns(classes.names, np.asarray(row["counts"]), cfg.pixel_size_m)})
         if len(rows) % 20 == 0:
             print(f"[predict] {len(rows)}/{len(images)} images", flush=True)
+    if not rows:
+        raise DataError(cfg.input, f"none of the {len(images)} image(s) could be read (first: {skipped[0]['path']}: "
+                                   f"{skipped[0]['reason']})")
     rows.sort(key=lambda r: r["id"])
+    skipped.sort(key=lambda r: r["id"])
     table = pa.Table.from_pylist(rows)
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -132,8 +185,13 @@ def run_predict(cfg: PredictConfig) -> dict:
     buf = io.BytesIO()
     pacsv.write_csv(table, buf)
     storage.write_bytes(storage.join_uri(cfg.output, f"{AREAS}.csv"), buf.getvalue())
+    skipped_uri = storage.join_uri(cfg.output, "skipped.json")
+    if skipped:
+        storage.write_text(skipped_uri, json.dumps(skipped, indent=2))
+    elif storage.exists(skipped_uri):  # a stale list from an earlier run would mislead
+        storage.write_text(skipped_uri, "[]")
     totals = {n: int(sum(r[f"pixels_{n}"] for r in rows)) for n in classes.names}
     print(f"[predict] wrote {len(rows)} masks and {parquet_uri}; class pixels: "
           + ", ".join(f"{n} {v}" for n, v in totals.items()), flush=True)
     return {"job": "predict", "model": prov["model"], "images": len(rows), "output": cfg.output,
-            "areas": parquet_uri, "class_pixels": totals}
+            "areas": parquet_uri, "class_pixels": totals, "skipped": skipped}

@@ -57,7 +57,7 @@ def _region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
+def s3_filesystem(create_bucket: bool = False) -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem from the standard AWS environment (no secrets in code)."""
     endpoint = _endpoint()
     kwargs = dict(
@@ -70,7 +70,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-        kwargs["allow_bucket_creation"] = True
+    # never create buckets as a side effect of a write: a misspelled bucket is an error
+    # (ensure_dir(..., create_bucket=True) is the one opt-in place that creates one)
+    kwargs["allow_bucket_creation"] = create_bucket
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -187,8 +189,24 @@ def delete_dir(uri: str) -> None:
         raise _wrap(loc, "delete", exc) from exc
 
 
-def ensure_dir(uri: str) -> None:
+def ensure_dir(uri: str, create_bucket: bool = False) -> None:
+    """Create the folder `uri` (and parents). On S3 the bucket must exist: StorageError
+    naming it otherwise, unless `create_bucket` (a job's opt-in `create_bucket` field)."""
     loc = resolve(uri)
+    if loc.scheme == "s3":
+        bucket = loc.path.split("/", 1)[0]
+        try:
+            missing = loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError as exc:
+            raise _wrap(loc, "check", exc) from exc
+        if missing and not create_bucket:
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist (check its spelling; dakd creates a bucket "
+                               "only when asked: --set create_bucket=true)")
+        if missing:
+            try:
+                s3_filesystem(create_bucket=True).create_dir(bucket)
+            except OSError as exc:
+                raise _wrap(loc, f"create bucket {bucket!r}", exc) from exc
     try:
         loc.fs.create_dir(loc.path, recursive=True)
     except OSError as exc:

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from dakd.errors import DakdError
+from dakd.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,18 @@ def check_tracking(uri: str) -> None:
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types here
-        raise TrackingError(f"MLflow tracking at {uri} is not reachable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise TrackingError(redact(f"MLflow tracking at {uri} is not reachable ({type(exc).__name__}: {str(exc)[:200]})")) from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested config -> {'a.b.c': value} for MLflow params (values stringified, 500 chars max)."""
+    """Nested config -> {'a.b.c': value} for MLflow params (values stringified and redacted, 500 chars max)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:
-            out[key] = str(v)[:500]
+            out[key] = redact(v)[:500]
     return out
 
 
@@ -91,12 +92,12 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`dakd.run_key` = '{run_key}'", max_results=1)
+    found = client.search_runs([exp_id], filter_string=f"tags.`dakd.run_key` = '{redact(run_key)}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    all_tags = {"dakd.run_key": run_key, "mlflow.runName": run_name, **(tags or {})}
+    all_tags = {k: redact(v) for k, v in {"dakd.run_key": run_key, "mlflow.runName": run_name, **(tags or {})}.items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -117,7 +118,7 @@ def log_summary(uri: str, run_id: str, summary: dict) -> None:
             client.log_metric(run_id, k, float(v))
         except ValueError:
             continue
-    client.log_dict(run_id, summary, "summary.json")
+    client.log_dict(run_id, redact_obj(summary), "summary.json")
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -160,7 +161,7 @@ class RunLogger:
         self.call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.call(self.client.log_dict, self.run_id, data, artifact_file)
+        self.call(self.client.log_dict, self.run_id, redact_obj(data), artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
         self.call(self.client.set_terminated, self.run_id, status=status)
@@ -175,7 +176,7 @@ def end_run(uri: str | None, run_id: str | None, job: str, worker_failures: int 
         closer.end("FINISHED")
         failures = closer.failures
     if worker_failures + failures:
-        print(f"[{job}] warning: {worker_failures + failures} MLflow call(s) failed and were not logged "
-              f"(tracking server {uri} unreachable part of the run); the run's checkpoints and results are complete",
-              flush=True)
+        print(redact(f"[{job}] warning: {worker_failures + failures} MLflow call(s) failed and were not logged "
+                     f"(tracking server {uri} unreachable part of the run); the run's checkpoints and results are "
+                     "complete"), flush=True)
     return failures

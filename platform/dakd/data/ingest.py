@@ -5,6 +5,11 @@ Work is cut into chunks of `rows_per_file` pairs per split; each chunk is one Ra
 row, decoded, validated and written by one task to its deterministic shard name, and
 returns its statistics. The driver writes the manifest last, only when every chunk
 succeeded (or, with on_error=skip, listing what was skipped).
+
+Every run writes under a fresh generation prefix (data/<generation>/<split>/...), so an
+overwrite is a swap (see data.shards): the old set stays readable until the new manifest
+is written, then only the files the old manifest lists are removed; a failed run removes
+its own generation and leaves the old set as it was.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def plan_chunks(refs: list[PairRef], rows_per_file: int, splits: dict[str, str] 
     return chunks
 
 
-def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int) -> dict:
+def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int, generation: str | None = None) -> dict:
     """Decode, validate and write one chunk; returns its statistics as {"stats": json}."""
     reader = make_reader(SourceConfig.model_validate(source))
     records, errors, off_palette = [], [], []
@@ -98,7 +103,7 @@ def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int) -> di
             off_palette.append({"id": rec["id"], "pixels": int(rec["off_palette_pixels"])})
     file_info = None
     if records:
-        name = shards.shard_name(chunk["split"], chunk["index"])
+        name = shards.shard_name(chunk["split"], chunk["index"], generation)
         size = shards.write_table(storage.join_uri(output, name), shards.records_to_table(records))
         file_info = {"path": name, "rows": len(records), "bytes": size}
     stats = {
@@ -112,17 +117,38 @@ def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int) -> di
     return {"stats": json.dumps(stats)}
 
 
-def _refuse_existing(output: str, overwrite: bool) -> None:
-    """Refuse to write into an existing shard set unless overwrite; with overwrite, clear it."""
-    has_manifest = shards.read_manifest(output) is not None
+def _refuse_existing(output: str, overwrite: bool) -> dict | None:
+    """Refuse to write into an existing shard set unless overwrite. Returns the manifest of
+    the set being replaced (None if none): it is removed only after the swap (`_swap_in`)."""
+    old = shards.read_manifest(output)
     has_data = bool(storage.list_files(storage.join_uri(output, "data")))
-    if (has_manifest or has_data) and not overwrite:
-        what = "a shard set" if has_manifest else "shard files (an incomplete shard set)"
+    if (old is not None or has_data) and not overwrite:
+        what = "a shard set" if old is not None else "shard files (an incomplete shard set)"
         raise DataError(output, f"already holds {what}; pass --overwrite to replace it")
-    if overwrite and (has_manifest or has_data):
-        log.info("overwrite: removing the shard set at %s", output)
-        shards.remove_manifest(output)  # first, so a failure below never leaves a stale "complete" set
-        storage.delete_dir(storage.join_uri(output, "data"))
+    return old
+
+
+def _swap_in(output: str, manifest: dict, old: dict | None) -> None:
+    """Write the new manifest (the swap), then remove the files only the old one listed."""
+    shards.write_manifest(output, manifest)
+    if old is not None:
+        try:  # the new set is complete now: a failure here only leaves old files behind
+            removed = shards.remove_listed(output, shards.listed_files(old), keep=set(shards.listed_files(manifest)))
+            log.info("overwrite: removed %d files of the replaced shard set at %s", removed, output)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("overwrite: the new set is complete, but files of the old one remain at %s: %s", output, exc)
+
+
+def _discard_generation(output: str, generation: str) -> None:
+    """After a failed run: remove this run's own generation prefix (never anything else,
+    and not once the manifest names it: an interruption after the swap keeps the new set)."""
+    try:
+        current = shards.read_manifest(output) or {}
+        if any(p.startswith(f"data/{generation}/") for p in shards.listed_files(current)):
+            return
+        storage.delete_dir(storage.join_uri(output, "data", generation))
+    except Exception as exc:  # noqa: BLE001 - the run's own error matters more
+        log.warning("could not remove the failed run's files under %s/data/%s: %s", output, generation, exc)
 
 
 def _first_error(errors: list[dict]) -> DataError:
@@ -140,10 +166,20 @@ def run_ingest(cfg: IngestConfig) -> dict:
     if problems and cfg.on_error == "fail":
         raise _first_error(problems)
     split_of, val_info = assign_splits(refs, cfg.source.val_fraction)  # before anything is written
-    storage.ensure_dir(output)
+    storage.ensure_dir(output, create_bucket=cfg.create_bucket)
     storage.check_writable(output)
-    _refuse_existing(output, cfg.overwrite)
+    old = _refuse_existing(output, cfg.overwrite)
+    generation = shards.new_generation()
+    try:
+        return _ingest(cfg, refs, problems, classes, generation, old, split_of, val_info)
+    except BaseException:  # failed or interrupted: the old set (if any) is untouched
+        _discard_generation(output, generation)
+        raise
 
+
+def _ingest(cfg: IngestConfig, refs: list, problems: list, classes, generation: str, old: dict | None,
+            split_of: dict[str, str], val_info: dict | None) -> dict:
+    output = cfg.output
     chunks = plan_chunks(refs, cfg.rows_per_file, split_of)
     log.info("ingest: %d pairs in %d chunks -> %s", len(refs), len(chunks), output)
     ray = init_ray(cfg.ray)
@@ -151,7 +187,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
     results = ds.map(
         ingest_chunk,
-        fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes},
+        fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes, "generation": generation},
         num_cpus=1,
     ).take_all()
     stats = [json.loads(r["stats"]) for r in results]
@@ -189,7 +225,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     }
     if not splits:
         raise DataError(output, "no valid pairs were written (all were skipped); no shard set created")
-    shards.write_manifest(output, manifest)
+    _swap_in(output, manifest, old)
     return {
         "job": "ingest",
         "output": output,

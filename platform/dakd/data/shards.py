@@ -1,9 +1,18 @@
 """The shard set: one Parquet schema, its writer and reader, and the manifest.
 
 A shard set at URI `root` is
-    root/data/<split>/part-<index:05d>.parquet   rows of SHARD_SCHEMA
-    root/manifest.json                           written last
-A shard set without a manifest is incomplete: `open_shard_set` refuses it.
+    root/data/[<generation>/]<split>/part-<index:05d>.parquet   rows of SHARD_SCHEMA
+    root/manifest.json                                          written last
+The manifest lists every file (path relative to `root`, rows, bytes); readers follow it,
+never a directory listing. A shard set without a manifest is incomplete: `open_shard_set`
+refuses it. Opening checks each listed file's size and Parquet footer row count against
+the manifest (a truncated or swapped shard is a DataError naming it).
+
+Overwrite is a swap (`new_generation`, `remove_listed`): a job that replaces a set writes
+the new files under a fresh generation prefix beside the old ones; the new manifest
+(one atomic object write) makes them the set; only then are the files the old manifest
+lists removed. A killed or failed overwrite leaves the old set readable, and nothing
+the old manifest does not list (a user's own file) is ever deleted.
 
 Row layout (SHARD_SCHEMA): `image` and `mask` are the raw bytes of H×W uint8 arrays
 (row-major); `image` holds 8-bit grey levels (see data.transforms for the one
@@ -15,11 +24,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import posixpath
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dakd import storage
@@ -61,9 +74,51 @@ SYNTH_FIELDS = [
 SYNTH_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field(n, t) for n, t in SYNTH_FIELDS])
 
 
-def shard_name(split: str, index: int) -> str:
-    """Deterministic relative object name of shard `index` of `split`."""
-    return f"data/{split}/part-{index:05d}.parquet"
+def shard_name(split: str, index: int, generation: str | None = None) -> str:
+    """Deterministic relative object name of shard `index` of `split` (under `generation`, when given)."""
+    prefix = f"data/{generation}" if generation else "data"
+    return f"{prefix}/{split}/part-{index:05d}.parquet"
+
+
+def new_generation() -> str:
+    """A fresh generation name (UTC time + random suffix): new files of an overwrite go beside the old."""
+    return f"gen-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def listed_files(manifest: dict) -> list[str]:
+    """Relative paths of every file a manifest lists (all splits, plus the contact sheet)."""
+    paths = [f["path"] for entry in manifest.get("splits", {}).values() for f in entry.get("files", [])]
+    if manifest.get("contact_sheet"):
+        paths.append(manifest["contact_sheet"])
+    return paths
+
+
+def remove_listed(root: str, paths: list[str], keep: set[str] = frozenset()) -> int:
+    """Delete the files `paths` (relative to `root`, as a manifest lists them) except `keep`;
+    missing files are ignored; local directories left empty under root/data are removed.
+    Returns how many were deleted. Never deletes anything that is not listed."""
+    loc = storage.resolve(root)
+    removed = 0
+    for rel in paths:
+        if rel in keep or rel.startswith("/") or ".." in rel.split("/"):
+            continue  # a listed path can never point outside the set
+        path = posixpath.join(loc.path, rel)
+        try:
+            loc.fs.delete_file(path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DataError(storage.join_uri(root, rel), f"cannot remove ({exc})") from exc
+        if loc.scheme == "file":  # tidy empty local folders up to root/data
+            parent, stop = os.path.dirname(path), os.path.join(loc.path, "data")
+            while parent.startswith(stop + os.sep):
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+    return removed
 
 
 def records_to_table(records: list[dict], schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
@@ -106,7 +161,41 @@ def write_table(uri: str, table: pa.Table) -> int:
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+    """One Parquet object as a table (DataError naming it when it is not valid Parquet)."""
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(uri, f"not a readable Parquet shard, truncated or damaged ({exc})") from exc
+
+
+def verify_files(root: str, manifest: dict) -> None:
+    """Check every file the manifest lists against its recorded bytes (object size) and rows
+    (Parquet footer); DataError naming the first file that is missing, truncated or swapped."""
+    loc = storage.resolve(root)
+    entries = [f for entry in manifest.get("splits", {}).values() for f in entry.get("files", [])]
+    for f in entries:
+        rel = str(f.get("path", ""))
+        uri = storage.join_uri(root, rel)
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):
+            raise DataError(storage.join_uri(root, MANIFEST), f"lists a file outside the set: {rel!r}")
+        path = posixpath.join(loc.path, rel)
+        try:
+            info = loc.fs.get_file_info(path)
+        except OSError as exc:
+            raise DataError(uri, f"cannot be checked ({exc})") from exc
+        if info.type != pafs.FileType.File:
+            raise DataError(uri, "listed in the manifest but missing (the shard set is damaged)")
+        if f.get("bytes") is not None and info.size != int(f["bytes"]):
+            raise DataError(uri, f"is {info.size} bytes, the manifest records {f['bytes']} "
+                                 "(truncated, or replaced by another file)")
+        if f.get("rows") is not None:
+            try:
+                with loc.fs.open_input_file(path) as fh:
+                    rows = pq.read_metadata(fh).num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(uri, f"not a readable Parquet shard, truncated or damaged ({exc})") from exc
+            if rows != int(f["rows"]):
+                raise DataError(uri, f"holds {rows} rows, the manifest records {f['rows']} (replaced by another file?)")
 
 
 @dataclass(frozen=True)
@@ -150,23 +239,32 @@ def read_manifest(root: str) -> dict | None:
     if not storage.exists(uri):
         return None
     try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(storage.read_text(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(uri, f"manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise DataError(uri, f"manifest is a JSON {type(manifest).__name__}, expected an object")
+    return manifest
 
 
-def open_shard_set(root: str) -> ShardSet:
-    """Open a complete shard set; DataError naming `root` if it has no manifest."""
+def open_shard_set(root: str, verify: bool = True) -> ShardSet:
+    """Open a complete shard set; DataError naming `root` if it has no manifest, or naming
+    the file when (verify) a listed file's size or row count differs from the manifest."""
     manifest = read_manifest(root)
     if manifest is None:
         has_data = bool(storage.list_files(storage.join_uri(root, "data")))
-        what = "holds shards but no manifest.json: an incomplete or failed write" if has_data else "no shard set here"
+        what = ("holds shards but no manifest.json: an incomplete or failed write" if has_data
+                else "no shard set here: no manifest.json (never written, or an incomplete or failed write)")
         raise DataError(root, f"{what} (expected {MANIFEST}; run `dakd ingest` to create one)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             storage.join_uri(root, MANIFEST),
             f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
         )
+    if not isinstance(manifest.get("splits"), dict):
+        raise DataError(storage.join_uri(root, MANIFEST), "has no 'splits' mapping (damaged manifest)")
+    if verify:
+        verify_files(root, manifest)
     return ShardSet(root=str(root), manifest=manifest)
 
 

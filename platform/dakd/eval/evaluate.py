@@ -48,9 +48,46 @@ def segment_logits(model: torch.nn.Module, image: np.ndarray, device: torch.devi
     return logits[0].float().cpu()
 
 
-def segment(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """(H, W) uint8 grey image -> (H, W) uint8 class map (argmax of the logits)."""
-    return segment_logits(model, image, device).argmax(dim=0).to(torch.uint8).numpy()
+# Scenes larger than TILE pixels on a side (OSD 650x1250 stays whole) are segmented in
+# overlapping TILE x TILE tiles:
+# memory is then set by the tile, not the scene (a 6000x6000 scene in well under 2 GB).
+TILE = 2048
+TILE_OVERLAP = 128
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+    """[(origin, keep_start, keep_stop)] along one axis of length `size`: tiles of `tile`
+    pixels whose kept interiors (each tile's margins of `overlap` pixels dropped, except at
+    the scene's edges) cover 0..size exactly once."""
+    if size <= tile:
+        return [(0, 0, size)]
+    stride = tile - 2 * overlap
+    spans, covered = [], 0
+    for start in range(0, size, stride):
+        origin = min(start, size - tile)
+        stop = size if origin + tile >= size else origin + tile - overlap
+        spans.append((origin, covered, stop))
+        covered = stop
+        if stop >= size:
+            break
+    return spans
+
+
+def segment(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu",
+            tile: int = TILE, overlap: int = TILE_OVERLAP) -> np.ndarray:
+    """(H, W) uint8 grey image -> (H, W) uint8 class map (argmax of the logits). Whole when
+    both sides are <= tile; otherwise tile by tile (see tile_spans), so peak memory does
+    not grow with the scene beyond the (H, W) image and class map themselves."""
+    h, w = image.shape
+    if h <= tile and w <= tile:
+        return segment_logits(model, image, device).argmax(dim=0).to(torch.uint8).numpy()
+    out = np.empty((h, w), dtype=np.uint8)
+    for y0, ya, yb in tile_spans(h, tile, overlap):
+        for x0, xa, xb in tile_spans(w, tile, overlap):
+            part = image[y0 : y0 + min(tile, h), x0 : x0 + min(tile, w)]
+            pred = segment_logits(model, part, device).argmax(dim=0).to(torch.uint8).numpy()
+            out[ya:yb, xa:xb] = pred[ya - y0 : yb - y0, xa - x0 : xb - x0]
+    return out
 
 
 def _blend(grey: np.ndarray, mask: np.ndarray, classes: ClassTable, alpha: float = 0.5) -> np.ndarray:
@@ -213,7 +250,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     model, classes, prov = load_model(cfg.checkpoint, cfg.tracking)
     where = str(prov["model"]).rstrip("/")
     name = cfg.name or (where if where.startswith(("models:/", "runs:/")) else where.split("/")[-2])
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
     run_id, uri = None, None
     if cfg.tracking.enabled:

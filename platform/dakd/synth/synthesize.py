@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,17 +65,44 @@ class SynthesisError(DakdError):
 
 
 # ---------------------------------------------------------------- planning
-def plan_ranges(count: int, rows_per_file: int) -> list[tuple[int, int, int]]:
-    """[(k, start, stop)]: range k = ids [k*R, min((k+1)*R, count))."""
+MAX_RANGES = 2_000_000  # objects one synthetic set may hold (the manifest lists each)
+
+
+class RangePlan(Sequence):
+    """The ranges (k, start, stop) of `count` ids in ranges of `rows_per_file`, computed on
+    demand (range k = ids [k*R, min((k+1)*R, count))): nothing is built up front."""
+
+    def __init__(self, count: int, rows_per_file: int):
+        self.count, self.rows = int(count), int(rows_per_file)
+
+    def __len__(self) -> int:
+        return -(-self.count // self.rows)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        k = k % len(self)
+        return (k, k * self.rows, min((k + 1) * self.rows, self.count))
+
+
+def plan_ranges(count: int, rows_per_file: int) -> RangePlan:
+    """The ranges of `count` ids (lazy); ConfigError at once when count is out of bounds or
+    would need more than MAX_RANGES objects."""
     if count < 1:
         raise ConfigError(f"count: expected >= 1, got {count}")
-    return [(k, s, min(s + rows_per_file, count)) for k, s in enumerate(range(0, count, rows_per_file))]
+    plan = RangePlan(count, rows_per_file)
+    if len(plan) > MAX_RANGES:
+        raise ConfigError(f"count {count} with rows_per_file {rows_per_file} needs {len(plan)} objects, more than "
+                          f"{MAX_RANGES}; raise rows_per_file or lower count")
+    return plan
 
 
 def teacher_info(cfg: SynthesizeConfig) -> dict:
     """Resolve and check the teacher without loading it: location, state, hash, identity."""
     from dakd.train import checkpoint as ckpt_io
-    from dakd.train.jointnet import resolve_checkpoint
+    from dakd.train.jointnet import load_teacher, resolve_checkpoint
 
     try:
         location = resolve_checkpoint(cfg.teacher)
@@ -86,7 +114,13 @@ def teacher_info(cfg: SynthesizeConfig) -> dict:
     if state.get("kind") != "sar-jointnet":
         raise ConfigError(f"teacher: {location} is not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
     use_ema = cfg.ema and storage.exists(storage.join_uri(location, ckpt_io.EMA_FILE))
-    teacher_hash = ckpt_io.weights_hash(location, ema=use_ema)
+    teacher_hash = ckpt_io.weights_hash(location, ema=use_ema)  # checked against state.json's sha256
+    try:  # built once on the driver: a damaged teacher fails here, before any actor starts
+        load_teacher(location, ema=use_ema)
+    except DakdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a teacher that cannot be built is the user's input
+        raise ConfigError(f"teacher: {location} cannot be loaded ({type(exc).__name__}: {str(exc)[:300]})") from None
     classes = class_table_from_dict(state["classes"])
     arch = state["arch"]
     size = cfg.size or int(arch["sample_size"])
@@ -166,7 +200,10 @@ def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bo
             _refuse_other(output, foreign)
         log.info("overwrite: removing the shard set at %s", output)
         shards.remove_manifest(output)  # first: a failure below never leaves a stale "complete" set
-        storage.delete_dir(storage.join_uri(output, "data"))
+        # only what dakd wrote: the files the old manifest lists and this job's own part objects
+        # (those with a dakd footer); anything else under data/ (a user's file) stays
+        ours = [shards.shard_name(SPLIT, k) for k, e in existing.items() if e["meta"] is not None]
+        shards.remove_listed(output, (shards.listed_files(manifest) if manifest else []) + ours)
         existing = {}
     planned = {k: stop - start for k, start, stop in ranges}
     too_many = [k for k, e in existing.items() if k not in planned or e["rows"] > planned[k]]
@@ -393,7 +430,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     if cfg.real:
         check_real_classes(cfg.real, classes)
     output = cfg.output
-    storage.ensure_dir(output)
+    storage.ensure_dir(output, create_bucket=cfg.create_bucket)
     storage.check_writable(output)
     ranges = plan_ranges(cfg.count, cfg.rows_per_file)
     todo, kept = check_output(output, identity, ranges, cfg.overwrite)

@@ -5,7 +5,13 @@ A checkpoint is a directory (local, or a URI read through dakd.storage):
     model.safetensors      model weights
     ema.safetensors        EMA weights (optional)
     optimizer.pt           optimizer state (tensors, numbers, lists, dicts only)
-    state.json             step, stage, architecture, config, code version, ...
+    state.json             step, stage, architecture, config, code version, and
+                           weights_sha256 {file name: sha256 hex} of the safetensors files
+Loading checks: state.json must parse and pass `CheckpointState` (architecture sizes
+within bounds, so a damaged file cannot ask for terabytes); each weights file must be
+valid safetensors and, when state.json records its sha256 (checkpoints written since it
+was added; older ones load without the check), match it. Every failure is a DataError
+naming the file (exit 2).
 """
 
 from __future__ import annotations
@@ -16,11 +22,46 @@ import json
 import os
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from dakd import __version__, storage
-from dakd.errors import ConfigError
+from dakd.errors import ConfigError, DataError
+
+MAX_CHANNELS = 8192  # widest layer any checkpoint may declare
+MAX_CLASSES = 1024
+
+
+class ArchBounds(BaseModel):
+    """The architecture sizes a checkpoint declares, bounded (other keys pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+    decoder_channels: list[int] | None = Field(None, min_length=1, max_length=8)
+    block_out_channels: list[int] | None = Field(None, min_length=1, max_length=8)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
+    in_chans: int | None = Field(None, ge=1, le=16)
+    layers_per_block: int | None = Field(None, ge=1, le=16)
+    sample_size: int | None = Field(None, ge=8, le=8192)
+    attention_head_dim: int | None = Field(None, ge=1, le=MAX_CHANNELS)
+    norm_num_groups: int | None = Field(None, ge=1, le=MAX_CHANNELS)
+
+    def model_post_init(self, _context) -> None:
+        for name in ("decoder_channels", "block_out_channels"):
+            for c in getattr(self, name) or []:
+                if not 1 <= c <= MAX_CHANNELS:
+                    raise ValueError(f"{name}: {c} out of bounds 1..{MAX_CHANNELS}")
+
+
+class CheckpointState(BaseModel):
+    """state.json, validated before anything is built from it (other keys pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str | None = None
+    arch: ArchBounds | None = None
+    weights_sha256: dict[str, str] | None = None
+    step: int | None = Field(None, ge=0)
+
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -37,39 +78,86 @@ def save_checkpoint(directory: str, model_state: dict, meta: dict, ema_state: di
     """Write a checkpoint into a local directory (Ray Train uploads it to the run's storage)."""
     os.makedirs(directory, exist_ok=True)
     save_file(_contiguous(model_state), os.path.join(directory, MODEL_FILE))
+    written = [MODEL_FILE]
     if ema_state is not None:
         save_file(_contiguous(ema_state), os.path.join(directory, EMA_FILE))
+        written.append(EMA_FILE)
     if optimizer_state is not None:
         torch.save(optimizer_state, os.path.join(directory, OPTIMIZER_FILE))
-    meta = {"code_version": __version__, **meta}
+    hashes = {}
+    for name in written:
+        with open(os.path.join(directory, name), "rb") as f:
+            hashes[name] = hashlib.sha256(f.read()).hexdigest()
+    meta = {"code_version": __version__, **meta, "weights_sha256": hashes}
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(meta, f, indent=2, default=str)
 
 
 def read_state(location: str) -> dict:
-    """The state.json of a checkpoint directory or URI (ConfigError naming it when absent)."""
+    """The state.json of a checkpoint directory or URI: ConfigError naming it when absent,
+    DataError naming it when it is not JSON or fails `CheckpointState`."""
     uri = storage.join_uri(location, STATE_FILE)
     if not storage.exists(uri):
         raise ConfigError(f"{location}: not a dakd checkpoint (no {STATE_FILE})")
-    return json.loads(storage.read_text(uri))
+    try:
+        state = json.loads(storage.read_text(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(uri, f"not valid JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(state, dict):
+        raise DataError(uri, f"a JSON {type(state).__name__}, expected an object; the checkpoint is damaged")
+    try:
+        CheckpointState.model_validate(state)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise DataError(uri, f"invalid checkpoint state ({problems})") from None
+    return state
 
 
-def load_weights(location: str, ema: bool = False) -> dict:
-    """Model (or EMA) weights of a checkpoint directory or URI."""
-    name = EMA_FILE if ema else MODEL_FILE
+def _weights_bytes(location: str, name: str) -> bytes:
+    """The bytes of weights file `name`, checked against state.json's sha256 when recorded."""
     uri = storage.join_uri(location, name)
     if not storage.exists(uri):
         raise ConfigError(f"{location}: checkpoint has no {name}")
-    return load_safetensors_bytes(storage.read_bytes(uri))
+    data = storage.read_bytes(uri)
+    expected = (read_state(location).get("weights_sha256") or {}).get(name)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(uri, f"sha256 {hashlib.sha256(data).hexdigest()[:16]}... differs from the "
+                             f"{expected[:16]}... recorded in {STATE_FILE}: the weights are damaged or were replaced")
+    return data
+
+
+def load_weights(location: str, ema: bool = False) -> dict:
+    """Model (or EMA) weights of a checkpoint directory or URI (DataError naming a damaged file)."""
+    name = EMA_FILE if ema else MODEL_FILE
+    data = _weights_bytes(location, name)
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError / others for bad headers
+        raise DataError(storage.join_uri(location, name),
+                        f"not a valid safetensors file, truncated or damaged ({type(exc).__name__}: {exc})") from None
+
+
+def load_state_into(model: torch.nn.Module, location: str, ema: bool = False) -> None:
+    """Load a checkpoint's weights into `model`; DataError naming the file when they do not fit."""
+    weights = load_weights(location, ema=ema)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise DataError(storage.join_uri(location, EMA_FILE if ema else MODEL_FILE),
+                        f"weights do not fit the architecture in {STATE_FILE} ({str(exc)[:300]})") from None
 
 
 def load_optimizer_state(location: str) -> dict | None:
     uri = storage.join_uri(location, OPTIMIZER_FILE)
     if not storage.exists(uri):
         return None
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise DataError(uri, f"optimizer state cannot be read, truncated or damaged ({type(exc).__name__})") from None
 
 
 def weights_hash(location: str, ema: bool = False) -> str:
-    """sha256 of the weights file (content identity of a teacher, for provenance)."""
-    return hashlib.sha256(storage.read_bytes(storage.join_uri(location, EMA_FILE if ema else MODEL_FILE))).hexdigest()
+    """sha256 of the weights file (content identity of a teacher, for provenance); checked
+    against the hash recorded in state.json when there is one."""
+    return hashlib.sha256(_weights_bytes(location, EMA_FILE if ema else MODEL_FILE)).hexdigest()

@@ -110,7 +110,7 @@ def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
         raise ConfigError(f"{location}: not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
     model = JointNet.from_arch(state["arch"])
     use_ema = ema and storage.exists(storage.join_uri(location, ckpt_io.EMA_FILE))
-    model.load_state_dict(ckpt_io.load_weights(location, ema=use_ema))
+    ckpt_io.load_state_into(model, location, ema=use_ema)
     state["location"] = location
     state["weights"] = "ema" if use_ema else "model"
     return model.eval(), state
@@ -329,7 +329,7 @@ def _fit(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: 
     loop_cfg.update(mlflow_run_id=run_id, tracking_uri=uri, fail_at_step=int(fail_at) if fail_at else None)
 
     loc = storage.resolve(cfg.output)
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

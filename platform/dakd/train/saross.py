@@ -71,7 +71,7 @@ def load_student(uri: str) -> tuple[SAROSSNet, dict]:
         raise ConfigError(f"{location}: not a SAROSS-Net checkpoint (kind {state.get('kind')!r}, expected {KIND!r})")
     arch = state["arch"]
     model = build_student(arch, arch["num_classes"], arch["in_chans"], pretrained=False)
-    model.load_state_dict(ckpt_io.load_weights(location))
+    ckpt_io.load_state_into(model, location)
     state["location"] = location
     return model.eval(), state
 
@@ -320,7 +320,7 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
     loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
                 "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch}
     loc = storage.resolve(cfg.output)
-    storage.ensure_dir(cfg.output)
+    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

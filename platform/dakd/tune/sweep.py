@@ -386,7 +386,7 @@ def _sweep(cfg: TuneConfig) -> dict:
     concurrency = plan_concurrency(cfg, need, ray.cluster_resources())
     max_t = max([cfg.student.epochs] + [int(d.largest()) for d in dims if d.key == "student.epochs"])
 
-    storage.ensure_dir(sweep_uri)
+    storage.ensure_dir(sweep_uri, create_bucket=cfg.create_bucket)
     storage.check_writable(sweep_uri)
     state = sweep_state(cfg, dims)
     state_uri = storage.join_uri(sweep_uri, STATE)
