@@ -70,10 +70,12 @@ def s3_uri(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """A real local Ray (one node, 8 logical CPUs on 127.0.0.1), shared by the session."""
+    """A real local Ray (one node on 127.0.0.1), shared by the session. Few logical CPUs
+    (RAY_TEST_CPUS, default 4: two Train workers + their Ray Data feed): each one lets Ray
+    start another Python worker process, seconds each on a 2-core machine."""
     import ray
 
-    ray.init(address="local", num_cpus=8, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+    ray.init(address="local", num_cpus=int(os.environ.get("RAY_TEST_CPUS", "4")), object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
