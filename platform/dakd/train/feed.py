@@ -51,7 +51,7 @@ def crop_flip_batch(batch: dict, crop_size: int) -> dict:
 
 def real_dataset(shard_set: ShardSet, split: str, crop_size: int, cache: bool = True):
     """A Ray Dataset of random crops of `split`, re-drawn and re-ordered every epoch (blocks
-in a random order, rows permuted within blocks of BLOCK_ROWS).
+    in a random order, rows permuted within blocks of BLOCK_ROWS).
 
     cache: keep the decoded shards in Ray's object store (spilling to disk when large), so
     an epoch does not list and re-read the files; on a small set that is 30x faster per

@@ -28,8 +28,8 @@ from dakd.data.transforms import denormalize_image
 from dakd.diffusion.samplers import sample
 from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_timesteps, sar_loss
 from dakd.errors import ConfigError, DakdError
-from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.models.jointnet import JointNet, check_arch
+from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.seeds import sample_seed
 from dakd.train import checkpoint as ckpt_io
 from dakd.train.ema import EMA
