@@ -34,6 +34,7 @@ RUNNERS = {
     "evaluate": "dakd.eval.evaluate:run_evaluate",
     "predict": "dakd.predict:run_predict",
     "tune": "dakd.tune.sweep:run_tune",
+    "report": "dakd.report:write_report",  # takes RUN_ROOT, not a config (see run_job)
 }
 
 
@@ -105,9 +106,7 @@ def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
 
 def run_job(job: str, args: argparse.Namespace) -> dict:
     if job == "report":
-        from dakd.report import write_report
-
-        return write_report(args.run_root)
+        return _runner(job)(args.run_root)
     overrides = list(args.overrides)
     for field in shorthands(job):
         value = getattr(args, field, None)
