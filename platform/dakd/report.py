@@ -36,7 +36,6 @@ th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 img{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}
 .note{color:#777;font-style:italic} .grid{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
 figure{margin:0} figcaption{font-size:.9em;color:#444}
-.panels{display:grid;grid-template-columns:repeat(3,1fr);text-align:center;font-weight:600;font-size:.9em}
 .legend span{display:inline-block;width:1em;height:1em;vertical-align:middle;margin:0 .3em 0 1em;border:1px solid #888}
 """
 
@@ -45,7 +44,13 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
-def _img(data: bytes, alt: str, width: int | None = None) -> str:
+def _img(data: bytes, alt: str, width: int | None = None, min_width: int = 0) -> str:
+    """An embedded PNG; `min_width`: small pictures are shown enlarged (pixelated) to this width."""
+    if width is None and min_width:
+        from PIL import Image
+
+        natural = Image.open(io.BytesIO(data)).size[0]
+        width = natural * max(1, min_width // natural) if natural < min_width else None
     w = f' width="{width}"' if width else ""
     return f'<img alt="{_esc(alt)}"{w} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
@@ -143,11 +148,10 @@ def _curves_section(summary: dict | None) -> str:
                          ["train/loss", "train/ce", "train/kd", "val/miou"], "epoch"))
     if not runs:
         return _note("no training runs in this pipeline run (skipped stages keep their earlier curves in MLflow)")
-    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
     figs = []
     for title, run_id, keys, xlabel in runs:
         try:
-            series = _history(client, run_id, keys)
+            series = _history(mlflow.MlflowClient(tracking_uri=summary["tracking_uri"]), run_id, keys)
         except Exception as exc:  # noqa: BLE001 - the report shows what it can read
             figs.append(_note(f"{title}: MLflow run {run_id} unreadable ({type(exc).__name__})"))
             continue
@@ -161,7 +165,7 @@ def _synthetic_section(root: str, summary: dict | None) -> str:
     out = ""
     sheet = storage.join_uri(root, "synthetic", "contact_sheet.png")
     if storage.exists(sheet):
-        out += (f"<figure>{_img(storage.read_bytes(sheet), 'synthetic contact sheet')}<figcaption>Synthetic samples: "
+        out += (f"<figure>{_img(storage.read_bytes(sheet), 'synthetic contact sheet', min_width=800)}<figcaption>Synthetic samples: "
                 f"image over teacher label (argmax of the logits)</figcaption></figure>")
     else:
         out += _note("no synthetic contact sheet under synthetic/")
@@ -204,14 +208,14 @@ def _eval_section(root: str) -> str:
         out += f"<h3>{_esc(r.get('name', mode))}</h3><div class=\"grid\">"
         cm = storage.join_uri(d, "confusion_matrix.png")
         if storage.exists(cm):
-            out += f"<figure>{_img(storage.read_bytes(cm), 'confusion matrix')}<figcaption>Confusion matrix (rows: target, " \
+            out += f"<figure>{_img(storage.read_bytes(cm), 'confusion matrix', 420)}<figcaption>Confusion matrix (rows: target, " \
                    f"columns: prediction)</figcaption></figure>"
         overlays = storage.join_uri(d, "overlays")
         files = sorted(u for u in storage.list_files(overlays) if u.endswith(".png")) if storage.exists(overlays) else []
         for uri in files:
             sid = uri.rsplit("/", 1)[-1][:-4]
-            out += (f'<figure><div class="panels"><span>image</span><span>ground truth</span><span>prediction</span></div>'
-                    f"{_img(storage.read_bytes(uri), 'overlay ' + sid, 480)}<figcaption>{_esc(sid)}</figcaption></figure>")
+            out += (f"<figure>{_img(storage.read_bytes(uri), 'overlay ' + sid, min_width=480)}<figcaption>{_esc(sid)}: "
+                    f"image | ground truth | prediction</figcaption></figure>")
         if not files:
             out += _note("no overlays (evaluate.overlay_count = 0)")
         out += "</div>"
