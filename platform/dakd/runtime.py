@@ -32,11 +32,12 @@ def init_ray(cfg: RayConfig):
         return ray
     _started_here = True
     configure_logging()  # importing Ray set its loggers' levels
+    ray_level = logging.INFO if verbose() else logging.ERROR  # the driver's "ray" logger (ray.init sets it)
     _raylet_notices_to_stderr()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=verbose())
+        ray.init(address=address, log_to_driver=verbose(), logging_level=ray_level)
     else:
         # dakd/__init__.py keeps it on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
         log.info("starting a local Ray (%d logical CPUs)", cfg.local_num_cpus)
@@ -46,6 +47,7 @@ def init_ray(cfg: RayConfig):
             object_store_memory=cfg.local_object_store_mb * 1024 * 1024,
             include_dashboard=False,
             log_to_driver=verbose(),
+            logging_level=ray_level,
         )
     quiet_ray_data()
     return ray
