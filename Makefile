@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 
-.PHONY: venv demo test bench clean constraints
+.PHONY: venv demo test test-fast bench clean constraints
 
 venv: $(STAMP)
 
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	$(VENV)/bin/dakd pipeline --preset demo
 
+# Everything (CI). `make test-fast`: the same without the end-to-end tests marked slow
+# (training runs, sweeps, pipelines), for a quick check while working.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m "not slow" --durations=10 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py

@@ -70,10 +70,13 @@ def s3_uri(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """A real local Ray (one node, 8 logical CPUs on 127.0.0.1), shared by the session."""
+    """A real local Ray (one node on 127.0.0.1), shared by the session. RAY_TEST_CPUS logical
+    CPUs (default 8). Fewer start fewer Python workers, but 4 deadlocked: a failed Train run
+    can leave its placement group (2 CPUs) reserved, and the next run's Ray Data feed then
+    gets no CPU at all."""
     import ray
 
-    ray.init(address="local", num_cpus=8, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+    ray.init(address="local", num_cpus=int(os.environ.get("RAY_TEST_CPUS", "8")), object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

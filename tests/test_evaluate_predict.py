@@ -20,7 +20,7 @@ from dakd.data import shards
 from dakd.data.classes import OSD_CLASSES
 from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError, DataError
-from dakd.eval.evaluate import run_evaluate
+from dakd.eval.evaluate import TITLE_HEIGHT, run_evaluate
 from dakd.predict import run_predict
 from dakd.train import checkpoint as ckpt_io
 from dakd.train.saross import KIND, arch_dict, build_student, log_mlflow_model
@@ -91,7 +91,7 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     assert summary["selected_on"] == report["selected_on"] == "val" and "WARNING" not in table
     assert Image.open(tmp_path / "eval" / "confusion_matrix.png").size[0] > 100
     overlay = Image.open(tmp_path / "eval" / "overlays" / (rec["id"].replace("/", "_") + ".png"))
-    assert overlay.size == (3 * 1250, 650)  # [image | prediction | ground truth]
+    assert overlay.size == (3 * 1250, 650 + TITLE_HEIGHT)  # titled [image | ground truth | prediction]
 
     import mlflow
 

@@ -3,6 +3,8 @@ one parent run with a child run per stage, and a re-run that skips finished stag
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import mlflow
@@ -25,6 +27,8 @@ TINY = [
     "saross.crop_size=32", "saross.epochs=1", "saross.global_batch_size=4", "saross.num_workers=2",
     "saross.mosaic=false", "saross.overlay_count=1", "evaluate.overlay_count=1",
 ]
+
+pytestmark = pytest.mark.slow  # end to end: trains on Ray Train
 
 
 def test_pipeline_runs_tracks_and_skips(tmp_path, capsys, mlflow_server, ray_local):

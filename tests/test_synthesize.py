@@ -38,6 +38,8 @@ TINY_TEACHER = [
 ]
 STEPS = 3
 
+pytestmark = pytest.mark.slow  # end to end: trains on Ray Train
+
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, ray_local):

@@ -42,6 +42,7 @@ def tiny_config(shards: str, output: str, *extra: str) -> TrainJointNetConfig:
     return load_config(TrainJointNetConfig, None, [f"shards={shards}", f"output={output}", *TINY, *extra])
 
 
+@pytest.mark.slow
 def test_three_stages_resume_inside_stage_two(real_shards, tmp_path, monkeypatch, mlflow_server):
     cfg = tiny_config(real_shards, str(tmp_path / "runs"), f"tracking.uri={mlflow_server}")
     monkeypatch.setenv("DAKD_FAIL_AT_STEP", "12")  # stage 2 spans steps 6..14
@@ -90,6 +91,7 @@ def test_checkpoint_round_trip_file_and_s3(tmp_path, s3_uri):
         assert torch.equal(o["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     cfg = tiny_config(real_shards, s3_uri + "/runs", "run_stages=[1]", "stages.stage1={iterations: 4, lr: 0.003}",
                       "tracking.enabled=false")
@@ -121,6 +123,7 @@ def test_bad_input_is_refused_before_training(real_shards, tmp_path):
                                        "run_name=other", "tracking.enabled=false"))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_names_the_step(real_shards, tmp_path):
     cfg = tiny_config(real_shards, str(tmp_path / "nan"), "run_stages=[1]", "stages.stage1={iterations: 40, lr: 1.0e+30}",
                       "grad_clip=1.0e+30", "checkpoint_every=1", "tracking.enabled=false")

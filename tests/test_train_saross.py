@@ -113,6 +113,37 @@ def test_feed_mixes_real_crops_and_synthetic_mosaics(data):
             assert not r["logits"].any() and r["image"].shape == (1, 2 * TILE, 2 * TILE)
 
 
+def test_each_worker_gets_both_kinds_every_epoch(data):
+    """Ray Train hands each worker a streaming_split(equal=True) share of the epoch; the
+    feed's block-order + window shuffle (no all-to-all shuffle) must still give every worker
+    real and synthetic rows, in a new order each epoch."""
+    import threading
+
+    real = shards.open_shard_set(data["real"])
+    ds, _ = training_dataset(real, "train", 2 * TILE, synthetic=data["syn"], mode="soft", share=0.5, use_mosaic=True)
+    splits = ds.streaming_split(2, equal=True)
+    seen = {0: [], 1: []}
+
+    def consume(i):
+        for _epoch in range(2):
+            seen[i].append([(bool(s), float(im.sum())) for b in splits[i].iter_batches(batch_size=None)
+                            for s, im in zip(b["synthetic"], b["image"])])
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for i in (0, 1):
+        assert len(seen[i]) == 2 and all(len(epoch) == 8 for epoch in seen[i])
+        for epoch in seen[i]:
+            kinds = {s for s, _ in epoch}
+            assert kinds == {True, False}, f"worker {i} got only {'synthetic' if True in kinds else 'real'} rows"
+    # re-drawn every epoch: crops, flips and order differ
+    assert seen[0][0] != seen[0][1]
+
+
+@pytest.mark.slow
 def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlflow_server):
     import mlflow
     import mlflow.pytorch
@@ -158,6 +189,7 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
         torch.testing.assert_close(loaded(x), model(x))
 
 
+@pytest.mark.slow
 def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     out = str(tmp_path / "runs")
     first = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=1", "run_name=ro", "tracking.enabled=false"))

@@ -51,6 +51,7 @@ def mlflow_runs(uri: str, experiment: str) -> tuple:
     return client, parents, runs
 
 
+@pytest.mark.slow
 def test_student_sweep_four_trials_mlflow_and_best_config(data, tmp_path, mlflow_server):
     exp = f"tune-{uuid.uuid4().hex[:6]}"
     space = "{student.loss.temperature: {grid: [1.0, 3.0]}, student.loss.lambda_kd: {grid: [0.1, 0.5]}}"
@@ -105,6 +106,7 @@ def test_student_sweep_four_trials_mlflow_and_best_config(data, tmp_path, mlflow
         run_tune(other)
 
 
+@pytest.mark.slow
 def test_asha_stops_a_trial_that_cannot_compete(data, tmp_path, mlflow_server):
     """Objective: the epoch's training loss (min). λ_ce = 100 multiplies the CE term (about 1.6
     at the start) by 100, so after one epoch its loss is far above the λ_ce = 1 trial's; the
@@ -127,6 +129,7 @@ def test_asha_stops_a_trial_that_cannot_compete(data, tmp_path, mlflow_server):
     assert stopped.info.status == "KILLED" and stopped.data.tags["dakd.tune.status"] == "stopped early"
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(data, tmp_path, mlflow_server, s3_uri):
     """The sweep lives on the S3-protocol server (Tune's experiment state, trials, summary).
     One trial's synthetic set is missing on the first run, so that trial fails and the sweep
@@ -168,6 +171,7 @@ def test_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(data,
     assert rerun.info.status == "FINISHED" and [m.step for m in client.get_metric_history(rerun.info.run_id, "val/miou")] == [1]
 
 
+@pytest.mark.slow
 def test_teacher_sweep_over_b(data, tmp_path, mlflow_server):
     exp = f"teacher-{uuid.uuid4().hex[:6]}"
     cfg = tune_config(data, str(tmp_path / "sweeps"), "{teacher.b: {grid: [0.3, 1.0]}}", "name=b", "level=teacher",

@@ -1,8 +1,11 @@
 """The `dakd` command: one subcommand per job, the same options as `python jobs/<job>.py`.
 
 Common options: --config FILE, --set key=value (repeatable), --json (the last stdout
-line is one JSON object summarising what the job did). Jobs connect to the Ray
-cluster named by RAY_ADDRESS (or ray.address in config) or start a local one.
+line is one JSON object summarising what the job did), --verbose (Ray's worker output,
+Ray Data progress bars and library logs; by default a job prints one line per stage, one
+live progress line and its result: dakd.progress). Jobs connect to the Ray cluster named
+by RAY_ADDRESS (or ray.address in config) or start a local one. `dakd report RUN_ROOT`
+(re)writes the HTML report of a pipeline run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable
 from dakd.config import JOB_CONFIGS, PRESET_SECTIONS, load_config, preset_names
 from dakd.errors import DakdError
 from dakd.redact import RedactingFilter, redact, redact_obj, redacted_std_streams
+from dakd.progress import configure_logging, set_verbose
 
 
 # job -> "module:function" that runs it (imported lazily so --help stays fast)
@@ -32,6 +36,7 @@ RUNNERS = {
     "evaluate": "dakd.eval.evaluate:run_evaluate",
     "predict": "dakd.predict:run_predict",
     "tune": "dakd.tune.sweep:run_tune",
+    "report": "dakd.report:write_report",  # takes RUN_ROOT, not a config (see run_job)
 }
 
 
@@ -68,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     for job, model in JOB_CONFIGS.items():
         p = sub.add_parser(job, help=JOB_HELP[job], description=f"{JOB_HELP[job]}. Config model: {model.__name__}.")
         add_job_options(p, job)
+    p = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP + ".")
+    p.add_argument("run_root", metavar="RUN_ROOT", help="the pipeline's output (path, file:// or s3://)")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    p.add_argument("--verbose", action="store_true", help="library logs too")
     return parser
+
+
+REPORT_HELP = "write report.html of a pipeline run (data, curves, synthetic samples, FID/IS, evaluations, stage times)"
 
 
 def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
@@ -81,6 +93,9 @@ def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
                    help="override a config field by dotted path, e.g. --set source.kind=sos (repeatable)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's worker output, Ray Data progress bars and library logs (default: one line per "
+                        "stage, one progress line, warnings and the result)")
     fields = shorthands(job)
     if "output" in fields:
         p.add_argument("--output", metavar="URI", help="output location (path, file:// or s3://)")
@@ -92,6 +107,8 @@ def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
 
 
 def run_job(job: str, args: argparse.Namespace) -> dict:
+    if job == "report":
+        return _runner(job)(args.run_root)
     overrides = list(args.overrides)
     for field in shorthands(job):
         value = getattr(args, field, None)
@@ -107,10 +124,6 @@ def run_job(job: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None, job: str | None = None) -> int:
     """Entry point of `dakd` (and, with `job`, of `python jobs/<job>.py`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:  # credentials never reach a log line
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
     argv = list(sys.argv[1:] if argv is None else argv)
     if job is not None:
         parser = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=JOB_HELP[job])
@@ -119,17 +132,35 @@ def main(argv: list[str] | None = None, job: str | None = None) -> int:
         args.job = job
     else:
         args = build_parser().parse_args(argv)
+    if args.verbose:
+        set_verbose(True)
+    configure_logging()
+    for handler in logging.getLogger().handlers:  # credentials never reach a log line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         with redacted_std_streams():  # libraries (MLflow) print tracking URIs straight to stdout
             summary = run_job(args.job, args)
     except DakdError as exc:
         print(redact(f"dakd {args.job}: error: {exc}"), file=sys.stderr, flush=True)
         if args.json:
+            _end_output()
             print(json.dumps({"job": args.job, "ok": False, "error": redact(exc)}), flush=True)
         return 2
-    if args.json and not args.print_config:
+    if args.json and not getattr(args, "print_config", False):
+        _end_output()
         print(json.dumps(redact_obj({"ok": True, **summary}), default=str), flush=True)
     return 0
+
+
+def _end_output() -> None:
+    """Before the --json line: stop the Ray this job started (nothing of it can print after
+    the line) and flush what was printed so far."""
+    from dakd.runtime import shutdown_ray
+
+    shutdown_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

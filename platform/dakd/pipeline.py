@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from dakd import storage
 from dakd.config import BalanceConfig, IngestConfig, PipelineConfig, TrainSarossConfig, dump_config
@@ -194,7 +195,7 @@ def _run_stages(cfg: PipelineConfig) -> dict:
         parent = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"{cfg.output}#pipeline",
                                               run_name="pipeline", params=dump_config(cfg), tags={"dakd.job": "pipeline"})
     child_tracking = cfg.tracking.model_copy(update={"uri": uri, "parent_run_id": parent})
-    stages: dict[str, dict] = {}
+    stages = _TimedStages()
     try:
         if "ingest" in cfg.stages:
             stages["ingest"] = _tracked(uri, parent, cfg, "ingest", lambda: _ingest(cfg, real))
@@ -222,8 +223,40 @@ def _run_stages(cfg: PipelineConfig) -> dict:
         if parent:
             tracking.finish_run(uri, parent, "FAILED")
         raise
-    summary = {"job": "pipeline", "output": cfg.output, "stages": stages, "mlflow_run_id": parent}
+    summary = {"job": "pipeline", "output": cfg.output, "stages": dict(stages), "stage_seconds": stages.seconds,
+               "mlflow_run_id": parent}
     if parent:
         tracking.log_summary(uri, parent, summary)
         tracking.finish_run(uri, parent)
+    summary["report"] = _write_report(cfg, {**summary, "tracking_uri": uri})
     return summary
+
+
+class _TimedStages(dict):
+    """The stages' summaries; `seconds` records each stage's wall time (s), from the previous
+    stage's end (or the start) to the moment its summary is stored."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __setitem__(self, stage: str, summary: dict) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+        super().__setitem__(stage, summary)
+
+
+def _write_report(cfg: PipelineConfig, summary: dict) -> str | None:
+    """pipeline.json (the summary, stage times, tracking URI) and report.html under the output.
+    A report that cannot be written is a warning, not a failed run."""
+    from dakd.report import SUMMARY, write_report
+
+    storage.write_text(storage.join_uri(cfg.output, SUMMARY), json.dumps(summary, indent=2, default=str))
+    try:
+        return write_report(cfg.output)["report"]
+    except Exception as exc:  # noqa: BLE001 - every stage's outputs are already written
+        log.warning("the run report could not be written (%s: %s); `dakd report %s` retries", type(exc).__name__, exc,
+                    cfg.output)
+        return None

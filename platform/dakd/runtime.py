@@ -17,16 +17,27 @@ from dakd.errors import DakdError
 log = logging.getLogger(__name__)
 
 
+_started_here = False  # this process started (or connected) Ray through init_ray
+
+
 def init_ray(cfg: RayConfig):
-    """Connect to (or start) Ray once per process; returns the ray module."""
+    """Connect to (or start) Ray once per process; returns the ray module. Worker output and
+    Ray Data progress bars reach this terminal only when verbose (dakd.progress)."""
+    global _started_here
     import ray
+
+    from dakd.progress import configure_logging, quiet_ray_data, verbose
 
     if ray.is_initialized():
         return ray
+    _started_here = True
+    configure_logging()  # importing Ray set its loggers' levels
+    ray_level = logging.INFO if verbose() else logging.ERROR  # the driver's "ray" logger (ray.init sets it)
+    _raylet_notices_to_stderr()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose(), logging_level=ray_level)
     else:
         # dakd/__init__.py keeps it on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
         log.info("starting a local Ray (%d logical CPUs)", cfg.local_num_cpus)
@@ -35,11 +46,48 @@ def init_ray(cfg: RayConfig):
             num_cpus=cfg.local_num_cpus,
             object_store_memory=cfg.local_object_store_mb * 1024 * 1024,
             include_dashboard=False,
-            log_to_driver=True,
+            log_to_driver=verbose(),
+            logging_level=ray_level,
         )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    quiet_ray_data()
     return ray
+
+
+def _raylet_notices_to_stderr() -> None:
+    """Ray's driver prints the raylet's notices ("N PYTHON worker processes have been
+    started...") on stdout from a background thread, where one can land after a job's --json
+    line. Send them to stderr, and drop that worker-count notice unless verbose (it is in the
+    raylet's log file). Patches Ray's module-level printer (ray._private.worker, Ray 2.5x-2.6x);
+    without it, Ray's behaviour is unchanged."""
+    import ray._private.worker as ray_worker
+
+    from dakd.progress import verbose
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "dakd", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix, **kwargs):
+        if data.get("pid") == "raylet":
+            if not verbose() and any("worker processes have been started" in str(line) for line in data.get("lines", [])):
+                return None
+            data = {**data, "is_err": True}
+        return original(data, ignore_prefix, **kwargs)
+
+    print_to_stdstream.dakd = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+def shutdown_ray() -> None:
+    """Disconnect from (or stop) the Ray that init_ray started in this process, so that none of
+    its output can follow what the caller prints next (the --json line). A Ray started by
+    someone else (a test session) is left running."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        ray.shutdown()
+        _started_here = False
 
 
 # ---------------------------------------------------------------- one writer per run

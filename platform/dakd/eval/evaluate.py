@@ -90,19 +90,55 @@ def segment(model: torch.nn.Module, image: np.ndarray, device: torch.device | st
     return out
 
 
-def _blend(grey: np.ndarray, mask: np.ndarray, classes: ClassTable, alpha: float = 0.5) -> np.ndarray:
+# Vivid colours for classes whose own colour is grey/white/black (e.g. SOS oil = white), which
+# would vanish on grey speckle: magenta, yellow, orange, lime, cyan.
+VIVID = ((255, 0, 255), (255, 230, 0), (255, 128, 0), (0, 255, 64), (0, 230, 255))
+TITLE_HEIGHT = 20  # px: the title strip above each overlay panel
+MIN_PANEL = 128  # px: smaller images are enlarged (nearest neighbour) so titles and classes stay readable
+
+
+def display_colors(colors, num_classes: int) -> np.ndarray:
+    """(C, 3) uint8 overlay colours: the class table's, except low-saturation ones (grey,
+    white, black: invisible on speckle), which take a vivid colour. Class 0 is never drawn."""
+    cols = np.asarray(colors if colors is not None else [(0, 0, 0)] * num_classes, dtype=np.int32).reshape(-1, 3)
+    out = cols.copy()
+    k = 0
+    for c in range(1, len(cols)):
+        if cols[c].max() - cols[c].min() < 80:
+            out[c] = VIVID[k % len(VIVID)]
+            k += 1
+    return out.astype(np.uint8)
+
+
+def _blend(grey: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.65) -> np.ndarray:
     base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
-    col = classes.colorize(mask).astype(np.float32)
+    col = colors[np.minimum(mask, len(colors) - 1)].astype(np.float32)
     out = np.where((mask > 0)[..., None], (1 - alpha) * base + alpha * col, base)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (TITLE_HEIGHT + H, W, 3): a white strip with `title` above the panel."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (panel.shape[1], TITLE_HEIGHT), (255, 255, 255))
+    ImageDraw.Draw(strip).text((4, 4), title, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(strip), panel], axis=0)
+
+
 def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, target: np.ndarray | None = None) -> np.ndarray:
-    """[image | prediction over image | ground truth over image] -> (H, k*W, 3) uint8.
-    Class 0 (background) is left uncoloured; others blend 50 % of their class colour."""
-    parts = [np.repeat(image[..., None], 3, axis=-1), _blend(image, pred, classes)]
+    """Titled panels [image | ground truth over image | prediction over image] (the ground
+    truth only when `target` is given) -> (TITLE_HEIGHT + s*H, k*s*W, 3) uint8, s = the
+    enlargement of images narrower than MIN_PANEL. Class 0 (background) is left uncoloured;
+    others blend 65 % of their display colour (display_colors)."""
+    colors = display_colors(classes.colors, classes.num_classes)
+    s = max(1, -(-MIN_PANEL // image.shape[1]))
+    up = (lambda a: np.repeat(np.repeat(a, s, axis=0), s, axis=1)) if s > 1 else (lambda a: a)
+    image, pred = up(image), up(pred)
+    parts = [_titled(np.repeat(image[..., None], 3, axis=-1), "image")]
     if target is not None:
-        parts.append(_blend(image, target, classes))
+        parts.append(_titled(_blend(image, up(target), colors), "ground truth"))
+    parts.append(_titled(_blend(image, pred, colors), "prediction"))
     return np.concatenate(parts, axis=1)
 
 

@@ -41,7 +41,8 @@ def confusion_matrix(pred, target, num_classes: int):
     ValueError.
     """
     if isinstance(pred, np.ndarray) or isinstance(target, np.ndarray):
-        cm = confusion_matrix(torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(target)), num_classes)
+        # torch.tensor copies: the arrays may be read-only views of Arrow buffers (np.frombuffer)
+        cm = confusion_matrix(torch.tensor(np.asarray(pred)), torch.tensor(np.asarray(target)), num_classes)
         return cm.numpy()
     if pred.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")

@@ -29,6 +29,7 @@ from dakd.diffusion.samplers import sample
 from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_timesteps, sar_loss
 from dakd.errors import ConfigError, DakdError
 from dakd.models.jointnet import JointNet, check_arch
+from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.seeds import sample_seed
 from dakd.train import checkpoint as ckpt_io
 from dakd.train.ema import EMA
@@ -244,6 +245,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 count += 1
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if rank == 0:
+                    report_progress(loop_cfg.get("progress"), step, f"stage {plan.stage} loss {float(out['loss']):.4g}")
                 if step % cfg.log_every == 0 or step == plan.end:
                     dt = time.perf_counter() - t0
                     metrics = {f"train/{k}": v / count for k, v in sums.items()}
@@ -305,7 +308,7 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
         uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
         tracking.check_tracking(uri)  # before any compute
     init_ray(cfg.ray)
-    with run_lock(cfg.ray, run_uri, "train-jointnet"):
+    with run_lock(cfg.ray, run_uri, "train-jointnet"), progress_line("train-jointnet", plan_stages(cfg)[-1].end):
         return _fit(cfg, shard_set, b, run_uri, loop_cfg, uri)
 
 
@@ -326,7 +329,8 @@ def _fit(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: 
     # Fault drills and tests: DAKD_FAIL_AT_STEP=k makes the workers fail once right after the
     # checkpoint of step k (Ray Train then restarts them from that checkpoint).
     fail_at = os.environ.get("DAKD_FAIL_AT_STEP")
-    loop_cfg.update(mlflow_run_id=run_id, tracking_uri=uri, fail_at_step=int(fail_at) if fail_at else None)
+    loop_cfg.update(mlflow_run_id=run_id, tracking_uri=uri, fail_at_step=int(fail_at) if fail_at else None,
+                    progress=current_progress())
 
     loc = storage.resolve(cfg.output)
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)

@@ -30,6 +30,7 @@ from dakd.config import TEST_SPLIT, SarossModelConfig, TrainSarossConfig, dump_c
 from dakd.data.classes import class_table_from_dict
 from dakd.data.shards import open_shard_set
 from dakd.errors import ConfigError, DataError
+from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.models.saross import SAROSSNet
 from dakd.train import checkpoint as ckpt_io
 from dakd.train.jointnet import LATEST, TrainingError, resolve_checkpoint
@@ -152,6 +153,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             n_syn += int(syn.sum())
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if rank == 0:
+                report_progress(loop_cfg.get("progress"), step, f"epoch {epoch + 1}/{cfg.epochs} loss {float(out['loss']):.4g}")
             if rank == 0 and step % cfg.log_every == 0:
                 print(f"[train-saross] epoch {epoch + 1}/{cfg.epochs} step {step} "
                       + " ".join(f"{k} {v / count:.4g}" for k, v in sums.items()), flush=True)
@@ -166,7 +169,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         overlays = []
         for rec in val:
             pred = segment(model, rec["image"], device)
-            cm += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(rec["mask"]), c)
+            cm += confusion_matrix(torch.from_numpy(pred), torch.tensor(rec["mask"]), c)
             if rank == 0 and len(overlays) < cfg.overlay_count:
                 overlays.append(overlay_panel(rec["image"], pred, classes, rec["mask"]))
         if world > 1:
@@ -297,7 +300,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
         tracking.check_tracking(uri)  # before any compute
-    with run_lock(cfg.ray, run_uri, "train-saross"):
+    with run_lock(cfg.ray, run_uri, "train-saross"), progress_line(f"train-saross {cfg.loss.mode}", per_epoch * cfg.epochs):
         return _fit(cfg, callbacks, classes, arch, run_uri, dataset, data_info, per_epoch, uri)
 
 
@@ -318,7 +321,7 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
                                                        for k, v in selection_info(cfg).items()}},
                                               parent_run_id=cfg.tracking.parent_run_id)
     loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
-                "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch}
+                "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch, "progress": current_progress()}
     loc = storage.resolve(cfg.output)
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     trainer = TorchTrainer(

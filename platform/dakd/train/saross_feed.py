@@ -8,8 +8,11 @@ One Ray Dataset per epoch, the union of
   flipped like the real crops. With `mosaic: false` each tile is one sample.
 Each epoch holds every real crop once and S = round(R * share / (1 - share)) synthetic
 samples (R real samples, share = `synthetic_share`), re-drawn every epoch (tiles repeat
-when the set is small), so a batch holds `share` synthetic samples in expectation; the
-union is shuffled globally every epoch (so each worker's batches mix both kinds).
+when the set is small), so a batch holds `share` synthetic samples in expectation. Every
+epoch the tiles and the union come in a new random block order and the union's rows are
+permuted in windows of several small blocks (train.feed.shuffle_window: no all-to-all
+shuffle), so each worker's batches mix both kinds; an epoch smaller than a window is
+shuffled globally.
 Every mode sees R + S samples per epoch (compute-matched students): `real-only` fills
 the S slots with more random crops of real images (whole shard blocks in a random
 order, re-drawn every epoch).
@@ -153,7 +156,7 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     """The epoch dataset (see module docstring) and a summary dict of what it holds."""
     import ray
 
-    from dakd.train.feed import real_dataset
+    from dakd.train.feed import real_dataset, shuffle_window
 
     num_classes = real.classes.num_classes
     r = check_real_crops(real, split, crop_size)
@@ -186,11 +189,11 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     reps = math.ceil(s / per_pass) + (1 if s > per_pass else 0)  # +1: remainders dropped per batch
     if reps > 1:
         tiles = tiles.union(*([tiles] * (reps - 1)))
-    syn_ds = (tiles.random_shuffle()
+    syn_ds = (tiles.randomize_block_order()
               .map_batches(mosaic_batch, fn_kwargs={"crop_size": crop_size, "use_mosaic": use_mosaic},
                            batch_size=group * 8, batch_format="numpy")
               .limit(s))
     real_ds = ds.map_batches(mark_real, fn_kwargs={"num_classes": num_classes}, batch_format="numpy")
-    # A global shuffle of the union: the workers' split hands out whole blocks, so without
-    # it one worker could get only real blocks and another only synthetic ones.
-    return real_ds.union(syn_ds).random_shuffle(), info
+    # Mixing the union: the workers' split hands out whole blocks, so without it one worker
+    # could get only real blocks and another only synthetic ones.
+    return shuffle_window(real_ds.union(syn_ds)), info
