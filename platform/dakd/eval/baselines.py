@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import torch
 from scipy.ndimage import uniform_filter
 
 from dakd.eval.metrics import confusion_matrix, segmentation_metrics
@@ -68,10 +67,10 @@ def fit_threshold(records: Iterable[dict], boxes: tuple[int, ...] = BOX_SIZES) -
 def floor_metrics(records: Iterable[dict], predict, class_names) -> dict:
     """segmentation_metrics of `predict(image) -> (H, W) class index` over `records`."""
     c = len(class_names)
-    cm = torch.zeros((c, c), dtype=torch.int64)
+    cm = np.zeros((c, c), dtype=np.int64)
     n = 0
     for r in records:
-        cm += confusion_matrix(torch.from_numpy(predict(r["image"])), torch.from_numpy(r["mask"]), c)
+        cm += confusion_matrix(predict(r["image"]), r["mask"], c)
         n += 1
     metrics = segmentation_metrics(cm, class_names)
     metrics["images"] = n
