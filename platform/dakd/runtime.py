@@ -37,7 +37,9 @@ def init_ray(cfg: RayConfig):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=verbose(), logging_level=ray_level)
+        # On a cluster the job's log (`ray job logs`) is where its workers' lines belong
+        # (progress, "resumed from step", errors): always forwarded there.
+        ray.init(address=address, log_to_driver=True, logging_level=ray_level)
     else:
         # dakd/__init__.py keeps it on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
         log.info("starting a local Ray (%d logical CPUs)", cfg.local_num_cpus)
