@@ -89,7 +89,7 @@ def _open(data: bytes, path: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()  # decode now, so a truncated file raises here
     except Image.UnidentifiedImageError as exc:
-        raise DataError(path, f"not an image file PIL can read ({len(data)} bytes, starting {data[:8]!r})") from exc
+        raise DataError(path, f"cannot decode image: not an image file PIL can read ({len(data)} bytes, starting {data[:8]!r})") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(path, f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     if img.mode not in _EIGHT_BIT_MODES:
