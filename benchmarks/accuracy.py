@@ -50,11 +50,13 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
             f"tracking.enabled={str(tracking).lower()}", *overrides]
     base = load_config(PipelineConfig, None, sets, preset=(preset, "pipeline"))
     wall: dict[str, float] = {}
+    loads: dict[str, float] = {}  # 5-min load average at the end of each stage: the wall times' context
 
     def stage(name: str, **update) -> dict:
         t0 = time.perf_counter()
         summary = run_pipeline(base.model_copy(update=update))
         wall[name] = round(time.perf_counter() - t0, 1)
+        loads[name] = round(os.getloadavg()[1], 1)
         print(f"[accuracy] {sensor}: {name} done in {wall[name]:.0f} s", flush=True)
         return summary
 
@@ -80,7 +82,7 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
         metrics = json.loads(storage.read_text(storage.join_uri(ev["outputs"][mode], "metrics.json")))["metrics"]
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
     manifest = real.manifest
-    return {"sensor": sensor, "rows": rows, "wall_s": wall, "threshold_fit": fit,
+    return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
             "counts": {s: e["count"] for s, e in manifest["splits"].items()},
             "b": (manifest.get("balance") or {}).get("b"),
             "fid": {base.evaluate_synthesis.features: synthesis["stages"]["evaluate-synthesis"]["fid"]}}
@@ -100,7 +102,8 @@ def format_report(result: dict) -> str:
     lines.append(f"| paper: SAROSS-Net + DAKD (full data, original test split) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} "
                  f"| {p[3]:.2f} | - | - |")
     lines += ["", "synthetic set FID: " + ", ".join(f"{v:.4g} ({k} features)" for k, v in result["fid"].items()),
-              "wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["wall_s"].items())]
+              "wall time per stage (s; 5-min load average at its end): " + ", ".join(
+                  f"{k} {v:.0f} ({result.get('load_5min', {}).get(k, '-')})" for k, v in result["wall_s"].items())]
     return "\n".join(lines)
 
 
@@ -121,16 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = (SMOKE if args.smoke else []) + args.sets
     t0 = time.perf_counter()
     results = []
+    os.makedirs(args.output, exist_ok=True)
     for sensor in args.sensors:
         results.append(run_sensor(args.root, sensor, args.output, args.preset, overrides, args.tracking))
         print(format_report(results[-1]), flush=True)
-    load = os.getloadavg()
+        load = os.getloadavg()
+        with open(os.path.join(args.output, "accuracy.json"), "w") as f:  # after each sensor: a stopped run keeps it
+            json.dump({"results": results, "load": load, "overrides": overrides}, f, indent=2, default=float)
     footer = (f"\nwhole run {time.perf_counter() - t0:.0f} s on {os.cpu_count()} cores, load average "
               f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min). No figure was tuned on the test folder.")
     print(footer, flush=True)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "accuracy.json"), "w") as f:
-        json.dump({"results": results, "load": load, "overrides": overrides}, f, indent=2, default=float)
     return 0
 
 
