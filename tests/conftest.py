@@ -9,6 +9,8 @@ import uuid
 
 import pytest
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # Keep every Ray start on 127.0.0.1 (DESIGN.md "Ray and addresses") and one torch thread.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -117,3 +119,45 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+# `dakd pipeline` overrides for the smallest run that still has every stage and two students
+# (shared by test_pipeline and test_report through the `tiny_pipeline` fixture).
+TINY_PIPELINE = [
+    "source.procedural.splits={train: 10, test: 4}", "source.val_fraction=0.25", "source.procedural.height=32",
+    "source.procedural.width=32", "rows_per_file=4",
+    "jointnet.model.block_out_channels=[8, 16]", "jointnet.model.layers_per_block=1",
+    "jointnet.model.attention_levels=[1]", "jointnet.model.norm_num_groups=4", "jointnet.model.attention_head_dim=4",
+    "jointnet.stages.stage1={iterations: 2, lr: 0.001}", "jointnet.stages.stage2={iterations: 2, lr: 0.001}",
+    "jointnet.stages.stage3={iterations: 2, lr: 0.001}", "jointnet.crop_size=32", "jointnet.batch_size_per_worker=2",
+    "jointnet.num_workers=2", "jointnet.checkpoint_every=2", "jointnet.log_every=2", "jointnet.sample_every=6",
+    "jointnet.sample_count=2", "jointnet.sample_steps=2", "jointnet.num_train_timesteps=50",
+    "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=4", "synthesize.actors_max=1",
+    "evaluate_synthesis.features=pixels",
+    "saross.model.encoder=resnet18", "saross.model.decoder_channels=[8, 8, 8]", "saross.model.caft_heads=2",
+    "saross.crop_size=32", "saross.epochs=1", "saross.global_batch_size=4", "saross.num_workers=2",
+    "saross.mosaic=false", "saross.overlay_count=1", "evaluate.overlay_count=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, mlflow_server):
+    """`dakd pipeline ... --json` with TINY_PIPELINE, tracked on the MLflow server, run once per
+    session in its own process (its own local Ray) exactly as a user runs it. Returns
+    {"output", "args", "stdout", "stderr", "summary"} (summary: the --json line)."""
+    import json
+    import subprocess
+    import sys
+
+    out = str(tmp_path_factory.mktemp("tiny") / "run")
+    args = ["pipeline", "--output", out, "--set", f"tracking.uri={mlflow_server}", "--json"]
+    for o in TINY_PIPELINE:
+        args += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform")}
+    for k in ("RAY_ADDRESS", "DAKD_VERBOSE", "MLFLOW_TRACKING_URI", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "dakd.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=1200, cwd=str(tmp_path_factory.mktemp("cwd")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"output": out, "args": args, "stdout": proc.stdout, "stderr": proc.stderr, "summary": summary}

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from dakd.errors import DataError
 from dakd.eval.evaluate import TITLE_HEIGHT, display_colors, overlay_panel
 from dakd.report import REPORT, build_report, write_report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("stages", "data", "training-curves", "synthetic-data", "evaluation")
 
 
@@ -57,17 +55,10 @@ def test_report_of_an_incomplete_run_says_what_is_missing(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`dakd pipeline --preset tiny --json` in its own process (its own local Ray), as a user
-    runs it; returns (output root, stdout, stderr)."""
-    out = str(tmp_path_factory.mktemp("tiny") / "run")
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform")}
-    for k in ("RAY_ADDRESS", "DAKD_VERBOSE", "MLFLOW_TRACKING_URI", "RAY_DATA_DISABLE_PROGRESS_BARS"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "dakd.cli", "pipeline", "--preset", "tiny", "--output", out, "--json"],
-                          capture_output=True, text=True, env=env, timeout=1200, cwd=str(tmp_path_factory.mktemp("cwd")))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout, proc.stderr
+def tiny_run(tiny_pipeline):
+    """The session's tiny `dakd pipeline --json` run (its own process, its own local Ray, as a
+    user runs it; see conftest): (output root, stdout, stderr)."""
+    return tiny_pipeline["output"], tiny_pipeline["stdout"], tiny_pipeline["stderr"]
 
 
 def _lines(text: str) -> list[str]:
