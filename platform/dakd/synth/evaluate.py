@@ -98,7 +98,7 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
                                "inception_weights": cfg.inception_weights, "batch_size": cfg.batch_size,
                                "torch_threads": cfg.torch_threads, "use_gpu": cfg.gpus_per_actor > 0},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
-        num_cpus=1, num_gpus=cfg.gpus_per_actor or None)
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
     stats = {"synthetic": RunningStats(), "real": RunningStats()}
     is_acc, has_probs = ISAccumulator(cfg.is_splits), None
     total = sum(i["take"] for i in items)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dakd.config import LOSS_MODES, SOFT_SYNTHETIC
+
 __all__ = ["dice_loss", "kd_loss", "segmentation_loss", "LOSS_MODES", "SOFT_SYNTHETIC"]
 
-LOSS_MODES = ("real-only", "hard", "soft")
-SOFT_SYNTHETIC = ("kd", "kd+hard")
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler
 
 from dakd import storage
-from dakd.config import (EvaluateSynthesisConfig, SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig,
+from dakd.config import (ActorPool, EvaluateSynthesisConfig, SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig,
                          dump_config)
 from dakd.errors import ConfigError, DakdError
 from dakd.tune.space import SECTIONS, Dimension, build, param_space, parse_space, split_overrides
@@ -71,17 +71,15 @@ def trial_sections(cfg: TuneConfig) -> tuple[str, ...]:
 def trial_resources(cfg: TuneConfig) -> dict[str, float]:
     """What one trial holds at its peak ({"CPU", "GPU"}): its driver plus the largest job it runs
     (the jobs of a trial run one after the other). Swept worker counts count at their largest."""
-    def workers(section: str, job) -> tuple[float, float]:
-        if section == "synthesize":
-            return job.actors_max * job.cpus_per_actor, job.actors_max * job.gpus_per_actor
-        if section == "evaluate_synthesis":  # one CPU per feature actor (dakd.synth.evaluate)
-            return float(job.actors), job.actors * job.gpus_per_actor
+    def workers(job) -> tuple[float, float]:
+        if isinstance(job, ActorPool):
+            return job.peak_resources()
         return job.num_workers * job.cpus_per_worker, job.num_workers * (1.0 if job.use_gpu else 0.0)
 
     cpu = gpu = 0.0
     for section in trial_sections(cfg):
         job = getattr(cfg, section)
-        c, g = workers(section, job)
+        c, g = workers(job)
         cpu, gpu = max(cpu, c), max(gpu, g)
     return {"CPU": cpu + cfg.driver_cpus, "GPU": gpu}
 
