@@ -303,10 +303,7 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
         raise ConfigError(f"run_stages starts at stage {first} but no previous stage's checkpoint is given: "
                           f"set init_checkpoint to a run or checkpoint whose stages 1..{first - 1} are complete")
 
-    uri = None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)  # before any compute
+    uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
     init_ray(cfg.ray)
     with run_lock(cfg.ray, run_uri, "train-jointnet"), progress_line("train-jointnet", plan_stages(cfg)[-1].end):
         return _fit(cfg, shard_set, b, run_uri, loop_cfg, uri)
@@ -314,18 +311,20 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
 
 def _fit(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: dict, uri: str | None) -> dict:
     """The training run proper (the caller holds the run): MLflow run, TorchTrainer, latest.json."""
+    from dakd import tracking
+
+    with tracking.job_run(cfg.tracking, uri=uri, job="train-jointnet", run_key=run_uri, run_name=cfg.run_name,
+                          params=dump_config(cfg), tags={"dakd.b": f"{b:.6g}"}) as run:
+        return _fit_in_run(cfg, shard_set, b, run_uri, loop_cfg, run)
+
+
+def _fit_in_run(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: dict, run) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dakd import tracking
     from dakd.train.feed import real_dataset
 
-    run_id = None
-    if uri:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri,
-                                              run_name=cfg.run_name, params=dump_config(cfg),
-                                              tags={"dakd.job": "train-jointnet", "dakd.b": f"{b:.6g}"},
-                                              parent_run_id=cfg.tracking.parent_run_id)
+    uri, run_id = run.uri, run.run_id
     # Fault drills and tests: DAKD_FAIL_AT_STEP=k makes the workers fail once right after the
     # checkpoint of step k (Ray Train then restarts them from that checkpoint).
     fail_at = os.environ.get("DAKD_FAIL_AT_STEP")
@@ -360,7 +359,7 @@ def _fit(cfg: TrainJointNetConfig, shard_set, b: float, run_uri: str, loop_cfg: 
     state = ckpt_io.read_state(ckpt_uri)
     storage.write_text(storage.join_uri(run_uri, LATEST), json.dumps({"checkpoint": ckpt_uri, "step": state["step"]}))
     worker_failures = int(metrics.get("tracking_failures", 0))
-    not_logged = worker_failures + tracking.end_run(uri, run_id, "train-jointnet", worker_failures)
+    not_logged = worker_failures + run.finish(worker_failures)
     return {"job": "train-jointnet", "checkpoint": ckpt_uri, "run": run_uri, "steps": state["step"],
             "stages_completed": state["stages_completed"], "b": b, "mlflow_run_id": run_id,
             "tracking_failures": not_logged,

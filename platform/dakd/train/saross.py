@@ -296,10 +296,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     print(f"[train-saross] {cfg.loss.mode}: {data_info['real']} real + {data_info['synthetic']} synthetic samples "
           f"per epoch, about {per_epoch} steps per epoch, {cfg.epochs} epochs, {cfg.num_workers} workers", flush=True)
 
-    uri = None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)  # before any compute
+    uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
     with run_lock(cfg.ray, run_uri, "train-saross"), progress_line(f"train-saross {cfg.loss.mode}", per_epoch * cfg.epochs):
         return _fit(cfg, callbacks, classes, arch, run_uri, dataset, data_info, per_epoch, uri)
 
@@ -307,19 +304,21 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
 def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, run_uri: str, dataset, data_info: dict,
          per_epoch: int, uri: str | None) -> dict:
     """The training run proper (the caller holds the run): MLflow run, TorchTrainer, best/latest pointers."""
+    from dakd import tracking
+
+    tags = {"dakd.loss_mode": cfg.loss.mode,
+            **{f"dakd.{k}": str(v).lower() if isinstance(v, bool) else v for k, v in selection_info(cfg).items()}}
+    with tracking.job_run(cfg.tracking, uri=uri, job="train-saross", run_key=run_uri, run_name=cfg.run_name,
+                          params=dump_config(cfg), tags=tags) as run:
+        return _fit_in_run(cfg, callbacks, classes, arch, run_uri, dataset, data_info, per_epoch, run)
+
+
+def _fit_in_run(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, run_uri: str, dataset,
+                data_info: dict, per_epoch: int, run) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dakd import tracking
-
-    run_id = None
-    if uri:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri, run_name=cfg.run_name,
-                                              params=dump_config(cfg),
-                                              tags={"dakd.job": "train-saross", "dakd.loss_mode": cfg.loss.mode,
-                                                    **{f"dakd.{k}": str(v).lower() if isinstance(v, bool) else v
-                                                       for k, v in selection_info(cfg).items()}},
-                                              parent_run_id=cfg.tracking.parent_run_id)
+    uri, run_id = run.uri, run.run_id
     loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
                 "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch, "progress": current_progress()}
     loc = storage.resolve(cfg.output)
@@ -359,16 +358,15 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
     storage.write_text(storage.join_uri(run_uri, BEST), json.dumps(
         {"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"],
          "val_split": cfg.val_split, **selection}))
-    model_info, failures = {}, 0
+    model_info = {}
     if run_id:  # the server may have gone away mid-run: failed calls are counted, not raised
-        c = tracking.RunLogger(uri, run_id)
+        c = run.logger
         c.log_dict({"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"]},
                    "best_checkpoint.json")
         c.call(c.client.set_tag, run_id, "dakd.best_checkpoint", best_uri)
         model_info = c.call(log_mlflow_model, uri, run_id, best_uri, cfg.register_name) or {}
-        failures = c.failures
-    failures += int((result.metrics or {}).get("tracking_failures", 0))
-    failures += tracking.end_run(uri, run_id, "train-saross", failures)
+    worker_failures = int((result.metrics or {}).get("tracking_failures", 0))
+    failures = worker_failures + run.finish(worker_failures)
     print(f"[train-saross] best checkpoint: epoch {best_state['epoch']} val mIoU {100 * best_state['val']['miou']:.2f}% "
           f"-> {best_uri}", flush=True)
     return {"job": "train-saross", "run": run_uri, "mode": cfg.loss.mode, "checkpoint": best_uri, "last_checkpoint": last,
