@@ -18,6 +18,7 @@ from dakd.data import shards
 from dakd.data.balance import run_balance
 from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError
+from dakd.report import STUDENT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,6 @@ def _evaluate_synthesis(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     ecfg = cfg.evaluate_synthesis.model_copy(update={"synthetic": storage.join_uri(cfg.output, "synthetic"),
                                                      "real": real, "ray": cfg.ray, "tracking": tracking_cfg})
     return run_evaluate_synthesis(ecfg)
-
-
-STUDENT_NAMES = {"real-only": "real-only", "hard": "DAKD (hard labels)", "soft": "DAKD"}
 
 
 def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
