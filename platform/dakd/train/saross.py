@@ -145,22 +145,13 @@ class SarossRunner(TrainLoopRunner):
 
     def train_epoch(self) -> tuple[dict, dict]:
         """One pass over the worker's shard: (summed loss terms, {"steps", "samples", "synthetic"})."""
-        cfg, lc = self.cfg, self.cfg.loss
+        cfg = self.cfg
         self.model.train()
         sums, counts = {}, {"steps": 0, "samples": 0, "synthetic": 0}
         for batch in self.batches(self.dtypes):
-            x, mask = batch["image"], batch["mask"].long()
-            syn = batch.get("synthetic")
-            if syn is None:
-                syn = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
-            with self.autocast():
-                logits = self.net(x)
-            out = segmentation_loss(logits.float(), mask, batch.get("logits"), syn, mode=lc.mode, lambda_ce=lc.lambda_ce,
-                                    lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd, T=lc.temperature,
-                                    dice_eps=lc.dice_eps, soft_synthetic=lc.soft_synthetic)
-            self.optimizer_step(out["loss"], self.model.parameters(), self.opt, f"epoch {self.epoch + 1}")
+            out, syn = self.train_step(batch)
             counts["steps"] += 1
-            counts["samples"] += x.shape[0]
+            counts["samples"] += syn.shape[0]
             counts["synthetic"] += int(syn.sum())
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -172,6 +163,21 @@ class SarossRunner(TrainLoopRunner):
             raise TrainingError(f"{cfg.shards}: an epoch gives no full batch of {cfg.per_worker_batch} per worker "
                                 f"({cfg.num_workers} workers); lower the batch size or the worker count")
         return sums, counts
+
+    def train_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """One optimiser step; returns (the loss terms, the batch's is-synthetic flags)."""
+        lc = self.cfg.loss
+        x, mask = batch["image"], batch["mask"].long()
+        syn = batch.get("synthetic")
+        if syn is None:
+            syn = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
+        with self.autocast():
+            logits = self.net(x)
+        out = segmentation_loss(logits.float(), mask, batch.get("logits"), syn, mode=lc.mode, lambda_ce=lc.lambda_ce,
+                                lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd, T=lc.temperature,
+                                dice_eps=lc.dice_eps, soft_synthetic=lc.soft_synthetic)
+        self.optimizer_step(out["loss"], self.model.parameters(), self.opt, f"epoch {self.epoch + 1}")
+        return out, syn
 
     def validate(self, val: list[dict], metrics: dict) -> list:
         """Full-resolution validation of this worker's images, confusion matrices summed over the
