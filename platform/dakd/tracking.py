@@ -152,6 +152,12 @@ class RunLogger:
             log.warning("MLflow call %s failed (%s); %d not logged so far", fn.__name__, type(exc).__name__, self.failures)
             return None
 
+    def _client_call(self, method: str, *args, **kwargs):
+        """self.client.<method>(run_id, *args, **kwargs) through `call`; nothing when tracking is off."""
+        if self.run_id is not None:
+            return self.call(getattr(self.client, method), self.run_id, *args, **kwargs)
+        return None
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         if self.run_id is None:
             return
@@ -161,20 +167,19 @@ class RunLogger:
 
         ts = int(_time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
-        self.call(self.client.log_batch, self.run_id, metrics=items)
+        self._client_call("log_batch", metrics=items)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        self._client_call("log_image", image, artifact_file=artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.run_id is not None:
-            self.call(self.client.log_text, self.run_id, text, artifact_file)
+        self._client_call("log_text", text, artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.call(self.client.log_dict, self.run_id, redact_obj(data), artifact_file)
+        self._client_call("log_dict", redact_obj(data), artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        self.call(self.client.set_terminated, self.run_id, status=status)
+        self._client_call("set_terminated", status=status)
 
 
 def tracking_uri(settings, default_dir: str) -> str | None:
