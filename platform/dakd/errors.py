@@ -25,3 +25,7 @@ class DataError(DakdError):
 
 class StorageError(DakdError):
     """A storage URI cannot be read or written."""
+
+
+class TrainingError(DakdError):
+    """Training stopped (e.g. a non-finite loss); the last good checkpoint is intact."""

@@ -18,6 +18,7 @@ from dakd.data import shards
 from dakd.data.balance import run_balance
 from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError
+from dakd.report import STUDENT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,10 @@ def _tracked(uri: str | None, parent: str | None, cfg: PipelineConfig, stage: st
         return fn()
     from dakd import tracking
 
-    run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"{cfg.output}#{stage}", run_name=stage,
-                                          params={}, tags={"dakd.job": stage}, parent_run_id=parent)
-    try:
+    with tracking.job_run(cfg.tracking, uri=uri, job=stage, run_key=f"{cfg.output}#{stage}", run_name=stage,
+                          params={}, parent_run_id=parent) as run:
         summary = fn()
-    except Exception:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    tracking.log_summary(uri, run_id, summary)
-    tracking.finish_run(uri, run_id)
+        tracking.log_summary(uri, run.run_id, summary)
     return summary
 
 
@@ -104,9 +100,6 @@ def _evaluate_synthesis(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     ecfg = cfg.evaluate_synthesis.model_copy(update={"synthetic": storage.join_uri(cfg.output, "synthetic"),
                                                      "real": real, "ray": cfg.ray, "tracking": tracking_cfg})
     return run_evaluate_synthesis(ecfg)
-
-
-STUDENT_NAMES = {"real-only": "real-only", "hard": "DAKD (hard labels)", "soft": "DAKD"}
 
 
 def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
@@ -188,48 +181,44 @@ def _run_stages(cfg: PipelineConfig) -> dict:
 
     real = real_shards_uri(cfg)
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)  # the one place a pipeline may create a bucket
-    uri = parent = None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)  # before any compute
-        parent = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"{cfg.output}#pipeline",
-                                              run_name="pipeline", params=dump_config(cfg), tags={"dakd.job": "pipeline"})
-    child_tracking = cfg.tracking.model_copy(update={"uri": uri, "parent_run_id": parent})
-    stages = _TimedStages()
-    try:
-        if "ingest" in cfg.stages:
-            stages["ingest"] = _tracked(uri, parent, cfg, "ingest", lambda: _ingest(cfg, real))
-        if "balance" in cfg.stages:
-            stages["balance"] = _tracked(uri, parent, cfg, "balance",
-                                         lambda: run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray)))
-            print(report(shards.open_shard_set(real)), flush=True)
-        if "train-jointnet" in cfg.stages:
-            stages["train-jointnet"] = _train_jointnet(cfg, real, child_tracking)
-            print(f"teacher checkpoint: {stages['train-jointnet']['checkpoint']}", flush=True)
-        teacher = storage.join_uri(cfg.output, "teacher", cfg.jointnet.run_name)
-        if "synthesize" in cfg.stages:
-            stages["synthesize"] = _synthesize(cfg, real, teacher, child_tracking)
-        if "evaluate-synthesis" in cfg.stages:
-            stages["evaluate-synthesis"] = _evaluate_synthesis(cfg, real, child_tracking)
-            print(f"synthetic set: FID ({cfg.evaluate_synthesis.features}) = {stages['evaluate-synthesis']['fid']:.4g}",
-                  flush=True)
-        if "train-saross" in cfg.stages:
-            stages["train-saross"] = _train_students(cfg, real, child_tracking)
-        if "evaluate" in cfg.stages:
-            if "train-saross" not in stages:
-                raise ConfigError("stages: evaluate needs train-saross in the same pipeline run")
-            stages["evaluate"] = _evaluate_students(cfg, real, stages["train-saross"], child_tracking)
-    except Exception:
-        if parent:
-            tracking.finish_run(uri, parent, "FAILED")
-        raise
-    summary = {"job": "pipeline", "output": cfg.output, "stages": dict(stages), "stage_seconds": stages.seconds,
-               "mlflow_run_id": parent}
-    if parent:
-        tracking.log_summary(uri, parent, summary)
-        tracking.finish_run(uri, parent)
+    uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
+    with tracking.job_run(cfg.tracking, uri=uri, job="pipeline", run_key=f"{cfg.output}#pipeline",
+                          run_name="pipeline", params=dump_config(cfg)) as run:
+        summary = _stages_in_run(cfg, real, uri, run.run_id)
+        if run:
+            tracking.log_summary(uri, run.run_id, summary)
     summary["report"] = _write_report(cfg, {**summary, "tracking_uri": uri})
     return summary
+
+
+def _stages_in_run(cfg: PipelineConfig, real: str, uri: str | None, parent: str | None) -> dict:
+    """The configured stages in order, their runs nested under the pipeline's run `parent`."""
+    child_tracking = cfg.tracking.model_copy(update={"uri": uri, "parent_run_id": parent})
+    stages = _TimedStages()
+    if "ingest" in cfg.stages:
+        stages["ingest"] = _tracked(uri, parent, cfg, "ingest", lambda: _ingest(cfg, real))
+    if "balance" in cfg.stages:
+        stages["balance"] = _tracked(uri, parent, cfg, "balance",
+                                     lambda: run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray)))
+        print(report(shards.open_shard_set(real)), flush=True)
+    if "train-jointnet" in cfg.stages:
+        stages["train-jointnet"] = _train_jointnet(cfg, real, child_tracking)
+        print(f"teacher checkpoint: {stages['train-jointnet']['checkpoint']}", flush=True)
+    teacher = storage.join_uri(cfg.output, "teacher", cfg.jointnet.run_name)
+    if "synthesize" in cfg.stages:
+        stages["synthesize"] = _synthesize(cfg, real, teacher, child_tracking)
+    if "evaluate-synthesis" in cfg.stages:
+        stages["evaluate-synthesis"] = _evaluate_synthesis(cfg, real, child_tracking)
+        print(f"synthetic set: FID ({cfg.evaluate_synthesis.features}) = {stages['evaluate-synthesis']['fid']:.4g}",
+              flush=True)
+    if "train-saross" in cfg.stages:
+        stages["train-saross"] = _train_students(cfg, real, child_tracking)
+    if "evaluate" in cfg.stages:
+        if "train-saross" not in stages:
+            raise ConfigError("stages: evaluate needs train-saross in the same pipeline run")
+        stages["evaluate"] = _evaluate_students(cfg, real, stages["train-saross"], child_tracking)
+    return {"job": "pipeline", "output": cfg.output, "stages": dict(stages), "stage_seconds": stages.seconds,
+            "mlflow_run_id": parent}
 
 
 class _TimedStages(dict):

@@ -1,4 +1,4 @@
-"""Seeds and stable hashes: one place that derives per-sample seeds and split draws.
+"""Seeds and stable hashes: one place that derives per-sample and per-worker seeds and split draws.
 
 A sample's seed is a pure function of (run seed, sample id), so re-running any
 subset of a job regenerates identical samples whatever batch they fall in. The
@@ -21,3 +21,9 @@ def unit_hash(key: str) -> float:
     (blake2b, 53 bits): the draw behind the deterministic validation split."""
     digest = hashlib.blake2b(f"dakd-unit:{key}".encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
+
+
+def worker_seed(run_seed: int, rank: int) -> int:
+    """The torch seed of Ray Train worker `rank` in a run seeded `run_seed` (distinct per rank,
+    the same on every attempt, so a restarted worker draws as the first one did)."""
+    return int(run_seed) * 1000 + int(rank)

@@ -1,5 +1,11 @@
-"""MLflow helpers: one place that opens runs, logs params/metrics/images, and checks the
-tracking server before any compute. Only rank 0 of a training job calls these.
+"""MLflow helpers: `job_run()`, the run of every job (start or resume by run key, params and
+tags, FAILED on an exception, FINISHED at the end); `tracking_uri()`, which resolves and checks
+the server before any compute; `RunLogger` for metrics, images and dicts (a failed call is
+counted, never raised). Only the driver and rank 0 of a training job log.
+
+Other places that touch runs, on purpose: a sweep (`tune.trial`) creates each trial's
+student run ahead of the job so it can tag it, and the job then resumes it by its run key;
+`train.saross.log_mlflow_model` logs the best checkpoint as a model into the job's open run.
 
 The tracking URI comes from config (`tracking.uri`), else MLFLOW_TRACKING_URI, else a
 local sqlite store under the job's output (the embedded default).
@@ -10,6 +16,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -121,26 +129,22 @@ def log_summary(uri: str, run_id: str, summary: dict) -> None:
     client.log_dict(run_id, redact_obj(summary), "summary.json")
 
 
-def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    import mlflow
-
-    mlflow.MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
-
-
 class RunLogger:
     """Logs metrics and images to one MLflow run; a failed call is counted, not raised, so
     a tracking outage mid-run never stops training (the count is reported at the end)."""
 
-    def __init__(self, uri: str, run_id: str):
-        import mlflow
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.client, self.run_id, self.failures = None, run_id, 0
+        if run_id is not None:  # run_id None: a logger that logs nothing (tracking off)
+            import mlflow
 
-        bounded_retries()
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        self.run_id = run_id
-        self.failures = 0
+            bounded_retries()
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
 
     def call(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs), or None (counted as not logged) when it fails."""
+        """fn(*args, **kwargs), or None (counted as not logged) when it fails; nothing when tracking is off."""
+        if self.run_id is None:
+            return None
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracking failure is counted, training goes on
@@ -148,35 +152,100 @@ class RunLogger:
             log.warning("MLflow call %s failed (%s); %d not logged so far", fn.__name__, type(exc).__name__, self.failures)
             return None
 
+    def _client_call(self, method: str, *args, **kwargs):
+        """self.client.<method>(run_id, *args, **kwargs) through `call`; nothing when tracking is off."""
+        if self.run_id is not None:
+            return self.call(getattr(self.client, method), self.run_id, *args, **kwargs)
+        return None
+
     def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.run_id is None:
+            return
         import time as _time
 
         from mlflow.entities import Metric
 
         ts = int(_time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
-        self.call(self.client.log_batch, self.run_id, metrics=items)
+        self._client_call("log_batch", metrics=items)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.call(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        self._client_call("log_image", image, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client_call("log_text", text, artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.call(self.client.log_dict, self.run_id, redact_obj(data), artifact_file)
+        self._client_call("log_dict", redact_obj(data), artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        self.call(self.client.set_terminated, self.run_id, status=status)
+        self._client_call("set_terminated", status=status)
 
 
-def end_run(uri: str | None, run_id: str | None, job: str, worker_failures: int = 0) -> int:
-    """Close a training job's run at the end without failing the job when the server went
-    away mid-run; prints how many calls were not logged. Returns the driver's failed calls."""
-    failures = 0
-    if run_id:
-        closer = RunLogger(uri, run_id)
-        closer.end("FINISHED")
-        failures = closer.failures
-    if worker_failures + failures:
-        print(redact(f"[{job}] warning: {worker_failures + failures} MLflow call(s) failed and were not logged "
-                     f"(tracking server {uri} unreachable part of the run); the run's checkpoints and results are "
-                     "complete"), flush=True)
-    return failures
+def tracking_uri(settings, default_dir: str) -> str | None:
+    """The job's tracking URI (`settings`: a TrackingConfig), checked before any compute;
+    None when tracking is off."""
+    if not settings.enabled:
+        return None
+    uri = resolve_tracking_uri(settings.uri, default_dir)
+    check_tracking(uri)
+    return uri
+
+
+class JobRun:
+    """One job's open MLflow run (from `job_run`); falsy, with `run_id` None, when tracking
+    is off. `logger` logs into it (failures counted; it does nothing when tracking is off); `finish()` closes it early, e.g. so a
+    training summary can count the closing call."""
+
+    def __init__(self, job: str, uri: str | None = None, run_id: str | None = None):
+        self.job, self.uri, self.run_id = job, uri, run_id
+        self.logger = RunLogger(uri, run_id)
+        self.closed = run_id is None
+
+    def __bool__(self) -> bool:
+        return self.run_id is not None
+
+    def finish(self, worker_failures: int = 0) -> int:
+        """End the run FINISHED without failing the job when the server went away mid-run;
+        print how many calls (this driver's plus `worker_failures`) were not logged.
+        Returns the driver's failed calls."""
+        if not self.closed:
+            self.logger.end("FINISHED")
+        self.closed = True
+        failures = self.logger.failures
+        if worker_failures + failures:
+            print(redact(f"[{self.job}] warning: {worker_failures + failures} MLflow call(s) failed and were not logged "
+                         f"(tracking server {self.uri} unreachable part of the run); the run's checkpoints and results "
+                         "are complete"), flush=True)
+        return failures
+
+    def fail(self) -> None:
+        if not self.closed:
+            self.logger.end("FAILED")
+        self.closed = True
+
+
+@contextmanager
+def job_run(settings, *, job: str, run_key: str, run_name: str, params: dict, tags: dict | None = None,
+            uri: str | None = None, default_dir: str | None = None,
+            parent_run_id: str | None = None) -> Iterator[JobRun]:
+    """The MLflow run of one job, as a context: resumed when a run of `run_key` exists, else
+    created with the flattened `params` and the tags (`dakd.job` = `job`), nested under
+    `parent_run_id` or `settings.parent_run_id`. `settings` is the job's TrackingConfig; `uri`
+    one that `tracking_uri()` already resolved and checked (else it is done here, against
+    `default_dir`). An exception ends the run FAILED and propagates; otherwise the run ends
+    FINISHED (`JobRun.finish`) unless the body finished it. Tracking off: a falsy JobRun."""
+    if not settings.enabled:
+        yield JobRun(job)
+        return
+    uri = uri or tracking_uri(settings, default_dir)
+    run_id = start_or_resume_run(uri, settings.experiment, run_key=run_key, run_name=run_name, params=params,
+                                 tags={"dakd.job": job, **(tags or {})},
+                                 parent_run_id=parent_run_id or settings.parent_run_id)
+    run = JobRun(job, uri, run_id)
+    try:
+        yield run
+    except BaseException:
+        run.fail()
+        raise
+    run.finish()

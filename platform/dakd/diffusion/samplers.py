@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from dakd.diffusion.schedule import BETA_SCHEDULE, LABEL_LOSSES, PREDICTION_TYPE
+from dakd.config import LABEL_LOSSES, SAMPLERS
+from dakd.diffusion.schedule import BETA_SCHEDULE, PREDICTION_TYPE
 from dakd.inference import autocast
-
-SAMPLERS = ("ddim", "dpmsolver++", "unipc")
 
 
 @dataclass

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from dakd.config import LABEL_LOSSES
 from dakd.data.transforms import label_signal
 
 BETA_SCHEDULE = "squaredcos_cap_v2"
 PREDICTION_TYPE = "sample"
-LABEL_LOSSES = ("ce", "mse")
 
 
 def make_train_scheduler(num_train_timesteps: int) -> DDPMScheduler:

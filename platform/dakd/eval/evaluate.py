@@ -288,10 +288,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     name = cfg.name or (where if where.startswith(("models:/", "runs:/")) else where.split("/")[-2])
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
-    run_id, uri = None, None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)
+    uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
     init_ray(cfg.ray)
     print(f"[evaluate] {prov['model']} on {cfg.shards} split {cfg.split!r} at full resolution", flush=True)
     cm, metrics, overlays = evaluate_model(model, classes, cfg.shards, cfg.split, overlay_count=cfg.overlay_count,
@@ -317,29 +314,26 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     storage.write_bytes(storage.join_uri(cfg.output, "confusion_matrix.png"), cm_png)
     for sid, data in overlays.items():
         storage.write_bytes(storage.join_uri(cfg.output, "overlays", f"{_safe_name(sid)}.png"), data)
-    if uri:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"evaluate:{cfg.output}",
-                                              run_name=f"evaluate-{name}", params=dump_config(cfg),
-                                              tags={"dakd.job": "evaluate", "dakd.model": str(prov["model"])},
-                                              parent_run_id=cfg.tracking.parent_run_id)
-        logger = tracking.RunLogger(uri, run_id)
+    with tracking.job_run(cfg.tracking, uri=uri, job="evaluate", run_key=f"evaluate:{cfg.output}",
+                          run_name=f"evaluate-{name}", params=dump_config(cfg),
+                          tags={"dakd.model": str(prov["model"])}) as run:
+        logger = run.logger  # does nothing when tracking is off
         flat = {"test/miou": metrics["miou"], "test/f1": metrics["f1_mean"], "test/precision": metrics["precision_mean"],
                 "test/recall": metrics["recall_mean"], "test/accuracy": metrics["accuracy"]}
         flat.update({f"test/iou_{k}": v for k, v in metrics["iou"].items() if v == v})
         logger.log_metrics(flat, 0)
         logger.log_dict(report, "evaluation/metrics.json")
-        logger.call(logger.client.log_text, run_id, table, "evaluation/table.md")
+        logger.log_text(table, "evaluation/table.md")
         from PIL import Image
 
         logger.log_image(np.asarray(Image.open(io.BytesIO(cm_png)).convert("RGB")), "evaluation/confusion_matrix.png")
         for sid, data in overlays.items():
             logger.log_image(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), f"evaluation/overlays/{_safe_name(sid)}.png")
-        logger.end("FINISHED")
     return {"job": "evaluate", "model": prov["model"], "name": name, "output": cfg.output, "split": cfg.split,
             "selected_on": selected_on,
             "images": metrics["images"], "miou": metrics["miou"], "f1": metrics["f1_mean"], "precision": metrics["precision_mean"],
             "recall": metrics["recall_mean"], "accuracy": metrics["accuracy"], "iou": metrics["iou"],
-            "confusion_matrix": cm.tolist(), "mlflow_run_id": run_id, "table": table, "metrics": metrics}
+            "confusion_matrix": cm.tolist(), "mlflow_run_id": run.run_id, "table": table, "metrics": metrics}
 
 
 def comparison_table(rows: dict[str, dict], training: dict[str, dict] | None = None, protocol: str | None = None) -> str:

@@ -27,12 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dakd.config import SKIP_MODULES
 from dakd.errors import ConfigError
 from dakd.models.caft import CAFT
 
 __all__ = ["UNetPlusPlusDecoder", "SKIP_MODULES"]
-
-SKIP_MODULES = ("caft", "conv3x3", "none")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

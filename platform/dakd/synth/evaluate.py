@@ -86,10 +86,7 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
              + plan_files(real, cfg.real_split, cfg.max_samples, "real"))
     if cfg.features == "inception":
         load_inception(cfg.inception_weights)  # a clear error in the driver, before any Ray work
-    uri, run_id = None, None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.synthetic)
-        tracking.check_tracking(uri)
+    uri = tracking.tracking_uri(cfg.tracking, cfg.synthetic)  # before any compute
 
     ray = init_ray(cfg.ray)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -98,7 +95,7 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
                                "inception_weights": cfg.inception_weights, "batch_size": cfg.batch_size,
                                "torch_threads": cfg.torch_threads, "use_gpu": cfg.gpus_per_actor > 0},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
-        num_cpus=1, num_gpus=cfg.gpus_per_actor or None)
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
     stats = {"synthetic": RunningStats(), "real": RunningStats()}
     is_acc, has_probs = ISAccumulator(cfg.is_splits), None
     total = sum(i["take"] for i in items)
@@ -129,20 +126,17 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
               f"not defined for features={cfg.features!r} (no class probabilities; use features=inception)",
               "counts": {"synthetic": stats["synthetic"].n, "real": stats["real"].n},
               "seconds": time.perf_counter() - t0}
-    if cfg.tracking.enabled:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment,
-                                              run_key=f"evaluate-synthesis:{cfg.synthetic}:{cfg.real}:{cfg.features}",
-                                              run_name="evaluate-synthesis", params=dump_config(cfg),
-                                              tags={"dakd.job": "evaluate-synthesis"},
-                                              parent_run_id=cfg.tracking.parent_run_id)
-        logger = tracking.RunLogger(uri, run_id)
+    with tracking.job_run(cfg.tracking, uri=uri, job="evaluate-synthesis",
+                          run_key=f"evaluate-synthesis:{cfg.synthetic}:{cfg.real}:{cfg.features}",
+                          run_name="evaluate-synthesis", params=dump_config(cfg)) as run:
+        logger = run.logger  # does nothing when tracking is off
         metrics = {f"gen/fid_{cfg.features.replace(':', '_')}": fid}
         if is_mean is not None:
             metrics.update({"gen/inception_score": is_mean, "gen/inception_score_std": is_std})
         logger.log_metrics(metrics, step=stats["synthetic"].n)
         logger.log_dict(result, "evaluate_synthesis.json")
-        logger.end("FINISHED")
-        result["mlflow_run_id"] = run_id
+    if run:
+        result["mlflow_run_id"] = run.run_id
     print(f"[evaluate-synthesis] FID {fid:.4f} ({cfg.features}, {stats['synthetic'].n} synthetic vs "
           f"{stats['real'].n} real)" + (f", IS {is_mean:.4f} ± {is_std:.4f}" if is_mean is not None else ", IS n/a"),
           flush=True)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dakd.config import LOSS_MODES, SOFT_SYNTHETIC
+
 __all__ = ["dice_loss", "kd_loss", "segmentation_loss", "LOSS_MODES", "SOFT_SYNTHETIC"]
 
-LOSS_MODES = ("real-only", "hard", "soft")
-SOFT_SYNTHETIC = ("kd", "kd+hard")
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,6 +73,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
     return (T * T) * ce.mean()
 
 
+def _check_batch(student_logits, target_mask, teacher_logits, is_synthetic, mode: str,
+                 soft_synthetic: str) -> torch.Tensor:
+    """ValueError when segmentation_loss's arguments do not fit together; is_synthetic as a bool tensor."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"segmentation_loss: mode {mode!r} is not one of {LOSS_MODES}")
+    if soft_synthetic not in SOFT_SYNTHETIC:
+        raise ValueError(f"segmentation_loss: soft_synthetic {soft_synthetic!r} is not one of {SOFT_SYNTHETIC}")
+    is_synthetic = torch.as_tensor(is_synthetic, dtype=torch.bool, device=student_logits.device)
+    if is_synthetic.shape != (student_logits.shape[0],):
+        raise ValueError(f"is_synthetic must have shape ({student_logits.shape[0]},), got {tuple(is_synthetic.shape)}")
+    n_syn = int(is_synthetic.sum())
+    if mode == "real-only" and n_syn:
+        raise ValueError(f"segmentation_loss: mode 'real-only' got {n_syn} synthetic sample(s)")
+    if n_syn < is_synthetic.shape[0] and target_mask is None:
+        raise ValueError("segmentation_loss: the batch has real samples but target_mask is None")
+    if n_syn and teacher_logits is None:
+        raise ValueError("segmentation_loss: the batch has synthetic samples but teacher_logits is None")
+    return is_synthetic
+
+
 def segmentation_loss(
     student_logits: torch.Tensor,
     target_mask: torch.Tensor | None,
@@ -96,22 +116,9 @@ def segmentation_loss(
     Returns {"loss", "ce", "dice", "kd"}: scalar tensors; ce/dice/kd are the unweighted
     terms, loss the weighted sum. See the module docstring for the modes.
     """
-    if mode not in LOSS_MODES:
-        raise ValueError(f"segmentation_loss: mode {mode!r} is not one of {LOSS_MODES}")
-    if soft_synthetic not in SOFT_SYNTHETIC:
-        raise ValueError(f"segmentation_loss: soft_synthetic {soft_synthetic!r} is not one of {SOFT_SYNTHETIC}")
-    is_synthetic = torch.as_tensor(is_synthetic, dtype=torch.bool, device=student_logits.device)
-    if is_synthetic.shape != (student_logits.shape[0],):
-        raise ValueError(f"is_synthetic must have shape ({student_logits.shape[0]},), got {tuple(is_synthetic.shape)}")
+    is_synthetic = _check_batch(student_logits, target_mask, teacher_logits, is_synthetic, mode, soft_synthetic)
     real = ~is_synthetic
     n_real, n_syn = int(real.sum()), int(is_synthetic.sum())
-    if mode == "real-only" and n_syn:
-        raise ValueError(f"segmentation_loss: mode 'real-only' got {n_syn} synthetic sample(s)")
-    if n_real and target_mask is None:
-        raise ValueError("segmentation_loss: the batch has real samples but target_mask is None")
-    if n_syn and teacher_logits is None:
-        raise ValueError("segmentation_loss: the batch has synthetic samples but teacher_logits is None")
-
     zero = student_logits.new_zeros((), dtype=torch.float32)
     ce = dice = kd = zero
     if mode == "hard" or (mode == "soft" and soft_synthetic == "kd+hard"):

@@ -21,19 +21,21 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dakd import storage
 from dakd.config import TEST_SPLIT, SarossModelConfig, TrainSarossConfig, dump_config
-from dakd.data.classes import class_table_from_dict
 from dakd.data.shards import open_shard_set
-from dakd.errors import ConfigError, DataError
-from dakd.progress import current as current_progress, progress_line, report as report_progress
+from dakd.errors import ConfigError, DataError, TrainingError
+from dakd.progress import current as current_progress, progress_line
 from dakd.models.saross import SAROSSNet
 from dakd.train import checkpoint as ckpt_io
-from dakd.train.jointnet import LATEST, TrainingError, resolve_checkpoint
+from dakd.train.jointnet import LATEST, resolve_checkpoint
+from dakd.train.losses import segmentation_loss
+from dakd.train.runner import LoopConfig, TrainLoopRunner, fit, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -78,137 +80,149 @@ def load_student(uri: str) -> tuple[SAROSSNet, dict]:
 
 
 # ---------------------------------------------------------------- per-worker loop
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    """Ray Train worker: build, restore, train epochs, validate, checkpoint, log (rank 0)."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+@dataclass(frozen=True, kw_only=True)
+class SarossLoop(LoopConfig):
+    """train-saross's worker settings: the architecture its checkpoints must have."""
 
-    from dakd.eval.evaluate import overlay_panel, segment
-    from dakd.eval.metrics import confusion_matrix, segmentation_metrics
-    from dakd.train.losses import segmentation_loss
-    from dakd.tracking import RunLogger
+    arch: dict
 
-    cfg = TrainSarossConfig.model_validate(loop_cfg["config"])
-    classes = class_table_from_dict(loop_cfg["classes"])
-    c = classes.num_classes
-    torch.set_num_threads(cfg.torch_threads)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed * 1000 + rank)
 
-    model = build_student(cfg.model, c).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    epoch, step, best = 0, 0, {"miou": -1.0, "epoch": None}
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = ckpt_io.read_state(d)
-            if state["arch"] != loop_cfg["arch"]:
-                raise ConfigError(f"run {loop_cfg['run_uri']}: its checkpoint has architecture {state['arch']}, "
-                                  f"the config {loop_cfg['arch']}; use another run_name")
-            model.load_state_dict(ckpt_io.load_weights(d))
-            opt_state = ckpt_io.load_optimizer_state(d)
-            if opt_state is not None:
-                opt.load_state_dict(opt_state)
-            epoch, best, step = int(state["epoch"]), state["best"], int(state["step"])
-        if rank == 0:
-            print(f"[train-saross] resumed after epoch {epoch}/{cfg.epochs}", flush=True)
-    attempt_start = epoch
-    net = DistributedDataParallel(model) if world > 1 else model
-    logger = RunLogger(loop_cfg["tracking_uri"], loop_cfg["mlflow_run_id"]) if rank == 0 and loop_cfg.get("mlflow_run_id") else None
+class SarossRunner(TrainLoopRunner):
+    """One worker of train-saross: epochs of training, each ending with a full-resolution
+    validation (confusion matrices summed over the workers) and a checkpoint."""
 
-    val = [r for i, r in enumerate(open_shard_set(cfg.shards).iter_records(cfg.val_split)) if i % world == rank]
-    shard = ray.train.get_dataset_shard("train")
-    bs = cfg.per_worker_batch
-    mode, lc = cfg.loss.mode, cfg.loss
-    dtypes = {"image": torch.float32, "mask": torch.uint8}
-    if mode != "real-only":
-        dtypes.update(logits=torch.float32, synthetic=torch.bool)
-    while epoch < cfg.epochs:
-        model.train()
-        sums, count, n_seen, n_syn, t0 = {}, 0, 0, 0, time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True, device=device, dtypes=dtypes):
-            x, mask = batch["image"], batch["mask"].long()
-            syn = batch.get("synthetic")
-            if syn is None:
-                syn = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = net(x)
-            out = segmentation_loss(logits.float(), mask, batch.get("logits"), syn, mode=mode, lambda_ce=lc.lambda_ce,
-                                    lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd, T=lc.temperature,
-                                    dice_eps=lc.dice_eps, soft_synthetic=lc.soft_synthetic)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (torch.isfinite(out["loss"]) and torch.isfinite(grad_norm)):
-                raise TrainingError(f"non-finite loss or gradient in epoch {epoch + 1} (step {step + 1}); stopped. "
-                                    f"The last good checkpoint is kept under {loop_cfg['run_uri']}")
-            opt.step()
-            step += 1
-            count += 1
-            n_seen += x.shape[0]
-            n_syn += int(syn.sum())
+    job = "train-saross"
+    config_model = TrainSarossConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.model = build_student(cfg.model, self.classes.num_classes).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.epoch, self.best, self.attempt_start = 0, {"miou": -1.0, "epoch": None}, 0
+        self.dtypes = {"image": torch.float32, "mask": torch.uint8}
+        if cfg.loss.mode != "real-only":
+            self.dtypes.update(logits=torch.float32, synthetic=torch.bool)
+
+    def load_state(self, directory: str, state: dict) -> None:
+        if state["arch"] != self.loop.arch:
+            raise ConfigError(f"run {self.loop.run_uri}: its checkpoint has architecture {state['arch']}, "
+                              f"the config {self.loop.arch}; use another run_name")
+        self.model.load_state_dict(ckpt_io.load_weights(directory))
+        opt_state = ckpt_io.load_optimizer_state(directory)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        self.epoch, self.best, self.step = int(state["epoch"]), state["best"], int(state["step"])
+        self.attempt_start = self.epoch
+        self.say(f"resumed after epoch {self.epoch}/{self.cfg.epochs}")
+
+    def checkpoint_meta(self) -> dict:
+        cfg, mode = self.cfg, self.cfg.loss.mode
+        return {"kind": KIND, "epoch": self.epoch, "step": self.step, "arch": self.loop.arch,
+                "classes": self.classes.to_dict(), "val": {"miou": self.val["miou"], "iou": self.val["iou"],
+                                                           "split": cfg.val_split},
+                "best": self.best, "attempt_start_epoch": self.attempt_start, "loss_mode": mode,
+                "shards": cfg.shards, "synthetic": cfg.synthetic if mode != "real-only" else None,
+                "config": self.loop.config}
+
+    def train(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net = DistributedDataParallel(self.model) if self.world > 1 else self.model  # after any restore
+        val = [r for i, r in enumerate(open_shard_set(self.cfg.shards).iter_records(self.cfg.val_split))
+               if i % self.world == self.rank]
+        while self.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            sums, counts = self.train_epoch()
+            self.epoch += 1
+            metrics = {f"train/{k}": v / counts["steps"] for k, v in sums.items()}
+            metrics.update({"train/synthetic_share": counts["synthetic"] / max(counts["samples"], 1),
+                            "train/samples_per_s": counts["samples"] * self.world / max(time.perf_counter() - t0, 1e-9)})
+            overlays = self.validate(val, metrics)
+            self.log_epoch(metrics, overlays)
+            self.save_and_report({"val/miou": self.val["miou"], "epoch": self.epoch,
+                                  "loss": metrics.get("train/loss", 0.0), "tracking_failures": self.tracking_failures()},
+                                 self.model, self.opt)
+
+    def train_epoch(self) -> tuple[dict, dict]:
+        """One pass over the worker's shard: (summed loss terms, {"steps", "samples", "synthetic"})."""
+        cfg = self.cfg
+        self.model.train()
+        sums, counts = {}, {"steps": 0, "samples": 0, "synthetic": 0}
+        for batch in self.batches(self.dtypes):
+            out, syn = self.train_step(batch)
+            counts["steps"] += 1
+            counts["samples"] += syn.shape[0]
+            counts["synthetic"] += int(syn.sum())
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if rank == 0:
-                report_progress(loop_cfg.get("progress"), step, f"epoch {epoch + 1}/{cfg.epochs} loss {float(out['loss']):.4g}")
-            if rank == 0 and step % cfg.log_every == 0:
-                print(f"[train-saross] epoch {epoch + 1}/{cfg.epochs} step {step} "
-                      + " ".join(f"{k} {v / count:.4g}" for k, v in sums.items()), flush=True)
-        if count == 0:
-            raise TrainingError(f"{cfg.shards}: an epoch gives no full batch of {bs} per worker "
+            self.progress(f"epoch {self.epoch + 1}/{cfg.epochs} loss {float(out['loss']):.4g}")
+            if self.step % cfg.log_every == 0:
+                self.say(f"epoch {self.epoch + 1}/{cfg.epochs} step {self.step} "
+                         + " ".join(f"{k} {v / counts['steps']:.4g}" for k, v in sums.items()))
+        if counts["steps"] == 0:
+            raise TrainingError(f"{cfg.shards}: an epoch gives no full batch of {cfg.per_worker_batch} per worker "
                                 f"({cfg.num_workers} workers); lower the batch size or the worker count")
-        epoch += 1
-        train_time = time.perf_counter() - t0
-        # Full-resolution validation: each worker its images, confusion matrices summed.
-        model.eval()
+        return sums, counts
+
+    def train_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """One optimiser step; returns (the loss terms, the batch's is-synthetic flags)."""
+        lc = self.cfg.loss
+        x, mask = batch["image"], batch["mask"].long()
+        syn = batch.get("synthetic")
+        if syn is None:
+            syn = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
+        with self.autocast():
+            logits = self.net(x)
+        out = segmentation_loss(logits.float(), mask, batch.get("logits"), syn, mode=lc.mode, lambda_ce=lc.lambda_ce,
+                                lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd, T=lc.temperature,
+                                dice_eps=lc.dice_eps, soft_synthetic=lc.soft_synthetic)
+        self.optimizer_step(out["loss"], self.model.parameters(), self.opt, f"epoch {self.epoch + 1}")
+        return out, syn
+
+    def validate(self, val: list[dict], metrics: dict) -> list:
+        """Full-resolution validation of this worker's images, confusion matrices summed over the
+        workers; adds the val/ metrics, updates the best epoch; returns rank 0's overlay panels."""
+        import torch.distributed as dist
+
+        from dakd.eval.evaluate import overlay_panel, segment
+        from dakd.eval.metrics import confusion_matrix, segmentation_metrics
+
+        c = self.classes.num_classes
+        self.model.eval()
         cm = torch.zeros((c, c), dtype=torch.int64)
         overlays = []
         for rec in val:
-            pred = segment(model, rec["image"], device)
+            pred = segment(self.model, rec["image"], self.device)
             cm += confusion_matrix(torch.from_numpy(pred), torch.tensor(rec["mask"]), c)
-            if rank == 0 and len(overlays) < cfg.overlay_count:
-                overlays.append(overlay_panel(rec["image"], pred, classes, rec["mask"]))
-        if world > 1:
+            if self.rank == 0 and len(overlays) < self.cfg.overlay_count:
+                overlays.append(overlay_panel(rec["image"], pred, self.classes, rec["mask"]))
+        if self.world > 1:
             dist.all_reduce(cm)
-        vm = segmentation_metrics(cm, classes.names)
+        vm = segmentation_metrics(cm, self.classes.names)
         miou = vm["miou"] if vm["miou"] == vm["miou"] else 0.0
-        if miou > best["miou"]:
-            best = {"miou": miou, "epoch": epoch}
-        metrics = {f"train/{k}": v / count for k, v in sums.items()}
-        metrics.update({"train/synthetic_share": n_syn / max(n_seen, 1), "train/samples_per_s": n_seen * world / max(train_time, 1e-9),
-                        "val/miou": miou, "val/accuracy": vm["accuracy"], "val/f1": vm["f1_mean"]})
+        if miou > self.best["miou"]:
+            self.best = {"miou": miou, "epoch": self.epoch}
+        self.val = {"miou": miou, "iou": vm["iou"]}
+        metrics.update({"val/miou": miou, "val/accuracy": vm["accuracy"], "val/f1": vm["f1_mean"]})
         metrics.update({f"val/iou_{name}": v for name, v in vm["iou"].items() if v == v})
-        if rank == 0:
-            print(f"[train-saross] epoch {epoch}/{cfg.epochs} " + " ".join(
-                f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("val/iou_"))
-                + f" (best mIoU {best['miou']:.4g} at epoch {best['epoch']})", flush=True)
-            if logger:
-                logger.log_metrics(metrics, epoch)
-                for i, panel in enumerate(overlays):
-                    logger.log_image(panel, f"overlays/epoch_{epoch:04d}_{i}.png")
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                meta = {"kind": KIND, "epoch": epoch, "step": step, "arch": loop_cfg["arch"],
-                        "classes": classes.to_dict(), "val": {"miou": miou, "iou": vm["iou"], "split": cfg.val_split},
-                        "best": best, "attempt_start_epoch": attempt_start, "loss_mode": mode,
-                        "shards": cfg.shards, "synthetic": cfg.synthetic if mode != "real-only" else None,
-                        "config": loop_cfg["config"]}
-                ckpt_io.save_checkpoint(d, model.state_dict(), meta, None, opt.state_dict())
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"val/miou": miou, "epoch": epoch, "loss": metrics.get("train/loss", 0.0),
-                              "tracking_failures": logger.failures if logger else 0}, checkpoint=checkpoint)
+        return overlays
+
+    def log_epoch(self, metrics: dict, overlays: list) -> None:
+        self.say(f"epoch {self.epoch}/{self.cfg.epochs} " + " ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("val/iou_"))
+            + f" (best mIoU {self.best['miou']:.4g} at epoch {self.best['epoch']})")
+        if self.logger:
+            self.logger.log_metrics(metrics, self.epoch)
+            for i, panel in enumerate(overlays):
+                self.logger.log_image(panel, f"overlays/epoch_{self.epoch:04d}_{i}.png")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker of train-saross."""
+    SarossRunner(SarossLoop.from_dict(config)).run()
 
 
 # ---------------------------------------------------------------- driver
-def _checkpoint_uri(loc, checkpoint) -> str:
-    return ("s3://" + checkpoint.path) if loc.scheme == "s3" else checkpoint.path
-
-
 def _requirements() -> list[str]:
     """Pinned runtime requirements of a logged model (skips MLflow's slow inference of them;
     the `dakd` package itself must be importable where the model is loaded)."""
@@ -296,61 +310,29 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     print(f"[train-saross] {cfg.loss.mode}: {data_info['real']} real + {data_info['synthetic']} synthetic samples "
           f"per epoch, about {per_epoch} steps per epoch, {cfg.epochs} epochs, {cfg.num_workers} workers", flush=True)
 
-    uri = None
-    if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.output)
-        tracking.check_tracking(uri)  # before any compute
+    uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
+    tags = {"dakd.loss_mode": cfg.loss.mode,
+            **{f"dakd.{k}": str(v).lower() if isinstance(v, bool) else v for k, v in selection_info(cfg).items()}}
     with run_lock(cfg.ray, run_uri, "train-saross"), progress_line(f"train-saross {cfg.loss.mode}", per_epoch * cfg.epochs):
-        return _fit(cfg, callbacks, classes, arch, run_uri, dataset, data_info, per_epoch, uri)
+        with tracking.job_run(cfg.tracking, uri=uri, job="train-saross", run_key=run_uri, run_name=cfg.run_name,
+                              params=dump_config(cfg), tags=tags) as run:
+            loop = SarossLoop(config=dump_config(cfg), classes=classes.to_dict(), run_uri=run_uri, arch=arch,
+                              tracking_uri=run.uri, mlflow_run_id=run.run_id, progress=current_progress())
+            trainer = make_trainer(cfg, train_loop_per_worker, loop, dataset, callbacks=callbacks, score="val/miou")
+            result = fit(trainer, run_uri)
+            return _finish(cfg, result, run, data_info)
 
 
-def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, run_uri: str, dataset, data_info: dict,
-         per_epoch: int, uri: str | None) -> dict:
-    """The training run proper (the caller holds the run): MLflow run, TorchTrainer, best/latest pointers."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _finish(cfg: TrainSarossConfig, result, run, data_info: dict) -> dict:
+    """After training: best.json and latest.json, the best checkpoint on the MLflow run (and as
+    its model), the summary."""
+    from dakd.train.runner import checkpoint_uri
 
-    from dakd import tracking
-
-    run_id = None
-    if uri:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=run_uri, run_name=cfg.run_name,
-                                              params=dump_config(cfg),
-                                              tags={"dakd.job": "train-saross", "dakd.loss_mode": cfg.loss.mode,
-                                                    **{f"dakd.{k}": str(v).lower() if isinstance(v, bool) else v
-                                                       for k, v in selection_info(cfg).items()}},
-                                              parent_run_id=cfg.tracking.parent_run_id)
-    loop_cfg = {"config": dump_config(cfg), "classes": classes.to_dict(), "arch": arch, "run_uri": run_uri,
-                "mlflow_run_id": run_id, "tracking_uri": uri, "steps_per_epoch": per_epoch, "progress": current_progress()}
-    loc = storage.resolve(cfg.output)
-    storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": dataset},
-        run_config=RunConfig(name=cfg.run_name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                                checkpoint_score_attribute="val/miou",
-                                                                checkpoint_score_order="max")),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        cause = exc
-        while cause is not None and not isinstance(cause, TrainingError):
-            cause = cause.__cause__ or getattr(cause, "cause", None)
-        if isinstance(cause, TrainingError):
-            raise TrainingError(str(cause)) from exc
-        raise
-    if result.checkpoint is None:
-        raise TrainingError(f"training under {run_uri} finished without a checkpoint")
-    last = _checkpoint_uri(loc, result.checkpoint)
+    run_uri = storage.join_uri(cfg.output, cfg.run_name)
+    uri, run_id = run.uri, run.run_id
+    last = checkpoint_uri(cfg.output, result.checkpoint)
     last_state = ckpt_io.read_state(last)
-    candidates = [(m.get("val/miou", -1.0), _checkpoint_uri(loc, ck)) for ck, m in (result.best_checkpoints or [])]
+    candidates = [(m.get("val/miou", -1.0), checkpoint_uri(cfg.output, ck)) for ck, m in (result.best_checkpoints or [])]
     best_miou, best_uri = max(candidates, key=lambda t: t[0]) if candidates else (last_state["val"]["miou"], last)
     best_state = ckpt_io.read_state(best_uri)
     storage.write_text(storage.join_uri(run_uri, LATEST), json.dumps({"checkpoint": last, "epoch": last_state["epoch"]}))
@@ -359,16 +341,15 @@ def _fit(cfg: TrainSarossConfig, callbacks: list | None, classes, arch: dict, ru
     storage.write_text(storage.join_uri(run_uri, BEST), json.dumps(
         {"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"],
          "val_split": cfg.val_split, **selection}))
-    model_info, failures = {}, 0
+    model_info = {}
     if run_id:  # the server may have gone away mid-run: failed calls are counted, not raised
-        c = tracking.RunLogger(uri, run_id)
+        c = run.logger
         c.log_dict({"checkpoint": best_uri, "epoch": best_state["epoch"], "val_miou": best_state["val"]["miou"]},
                    "best_checkpoint.json")
         c.call(c.client.set_tag, run_id, "dakd.best_checkpoint", best_uri)
         model_info = c.call(log_mlflow_model, uri, run_id, best_uri, cfg.register_name) or {}
-        failures = c.failures
-    failures += int((result.metrics or {}).get("tracking_failures", 0))
-    failures += tracking.end_run(uri, run_id, "train-saross", failures)
+    worker_failures = int((result.metrics or {}).get("tracking_failures", 0))
+    failures = worker_failures + run.finish(worker_failures)
     print(f"[train-saross] best checkpoint: epoch {best_state['epoch']} val mIoU {100 * best_state['val']['miou']:.2f}% "
           f"-> {best_uri}", flush=True)
     return {"job": "train-saross", "run": run_uri, "mode": cfg.loss.mode, "checkpoint": best_uri, "last_checkpoint": last,

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from dakd.config import (Strict, SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, _set_dotted,
+from dakd.config import (Strict, SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, set_dotted,
                          dump_config)
 from dakd.errors import ConfigError
 
@@ -95,7 +95,7 @@ def build(model: type[Strict], base: dict, overrides: dict[str, Any]) -> Strict:
 
     data = copy.deepcopy(base)
     for path, value in overrides.items():
-        _set_dotted(data, path, value, model)
+        set_dotted(data, path, value, model)
     return model.model_validate(data)
 
 
