@@ -22,9 +22,9 @@ from dakd.data.classes import SOS_CLASSES
 from dakd.data.ingest import run_ingest
 from dakd.data.transforms import denormalize_image
 from dakd.diffusion.samplers import sample
-from dakd.errors import ConfigError, DataError, StorageError
+from dakd.errors import ConfigError, DataError, StorageError, SynthesisError
 from dakd.seeds import sample_seed
-from dakd.synth.synthesize import SynthesisError, generate, run_synthesize
+from dakd.synth.synthesize import generate, run_synthesize
 from dakd.train import checkpoint as ckpt_io
 from dakd.train.jointnet import load_teacher, run_train_jointnet
 

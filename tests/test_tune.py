@@ -17,8 +17,7 @@ import yaml
 
 from dakd.config import TrainSarossConfig, TuneConfig, load_config
 from dakd.data import shards
-from dakd.errors import ConfigError
-from dakd.tracking import TrackingError
+from dakd.errors import ConfigError, TrackingError
 from dakd.tune.space import parse_space
 from dakd.tune.sweep import run_tune
 from test_synthesize import TINY_TEACHER

@@ -13,14 +13,12 @@ import os
 
 import numpy as np
 
-from dakd.errors import DakdError
+from dakd.errors import TrackingError
 from dakd.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
 
-class TrackingError(DakdError):
-    """The MLflow tracking server cannot be reached or refused a request."""
 
 
 def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:

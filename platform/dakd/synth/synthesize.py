@@ -49,7 +49,7 @@ from dakd.config import SynthesizeConfig, dump_config
 from dakd.data import shards
 from dakd.data.classes import ClassTable, class_table_from_dict
 from dakd.data.transforms import NORMALIZATION, denormalize_image
-from dakd.errors import ConfigError, DakdError, DataError, StorageError
+from dakd.errors import ConfigError, DakdError, DataError, StorageError, SynthesisError
 from dakd.seeds import sample_seed
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,6 @@ CONTACT_SHEET = "contact_sheet.png"
 _PART = re.compile(r"part-(\d+)\.parquet$")
 
 
-class SynthesisError(DakdError):
-    """The synthesis job failed (an actor error); finished ranges are kept for a re-run."""
 
 
 # ---------------------------------------------------------------- planning

@@ -27,7 +27,7 @@ from dakd.data.shards import open_shard_set
 from dakd.data.transforms import denormalize_image
 from dakd.diffusion.samplers import sample
 from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_timesteps, sar_loss
-from dakd.errors import ConfigError, DakdError
+from dakd.errors import ConfigError, DakdError, TrainingError
 from dakd.models.jointnet import JointNet, check_arch
 from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.seeds import sample_seed
@@ -40,8 +40,6 @@ LATEST = "latest.json"
 NONFINITE = "nonfinite.json"  # written by rank 0 when a loss or gradient is not finite
 
 
-class TrainingError(DakdError):
-    """Training stopped (e.g. a non-finite loss); the last good checkpoint is intact."""
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from dakd import storage
 from dakd.config import TEST_SPLIT, SarossModelConfig, TrainSarossConfig, dump_config
 from dakd.data.classes import class_table_from_dict
 from dakd.data.shards import open_shard_set
-from dakd.errors import ConfigError, DataError
+from dakd.errors import ConfigError, DataError, TrainingError
 from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.models.saross import SAROSSNet
 from dakd.train import checkpoint as ckpt_io
-from dakd.train.jointnet import LATEST, TrainingError, resolve_checkpoint
+from dakd.train.jointnet import LATEST, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 

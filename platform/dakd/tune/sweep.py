@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from dakd import storage
 from dakd.config import (EvaluateSynthesisConfig, SynthesizeConfig, TrainJointNetConfig, TrainSarossConfig, TuneConfig,
                          dump_config)
-from dakd.errors import ConfigError, DakdError
+from dakd.errors import ConfigError, TuneError
 from dakd.tune.space import SECTIONS, Dimension, build, param_space, parse_space, split_overrides
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ BEST_TEACHER = "best_teacher.yaml"
 PLOT = "metric_vs_params.png"
 
 
-class TuneError(DakdError):
-    """The sweep could not produce a result (e.g. every trial failed)."""
 
 
 # ---------------------------------------------------------------- planning
