@@ -25,8 +25,9 @@ from dakd.diffusion.samplers import sample
 from dakd.errors import ConfigError, DataError, StorageError, SynthesisError
 from dakd.seeds import sample_seed
 from dakd.synth.synthesize import generate, run_synthesize
-from dakd.train import checkpoint as ckpt_io
-from dakd.train.jointnet import load_teacher, run_train_jointnet
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import load_teacher
+from dakd.train.jointnet import run_train_jointnet
 
 TINY_TEACHER = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",

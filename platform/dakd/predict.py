@@ -88,13 +88,10 @@ class PredictActor:
 
     def __init__(self, model_ref, classes: dict, output: str, gpus: float, threads: int, compile: bool = False):
         import ray
-        import torch
 
-        from dakd.inference import inference_device, prepare_model
+        from dakd.inference import setup_actor
 
-        torch.set_num_threads(threads)
-        self.device = inference_device(gpus)
-        self.model = prepare_model(ray.get(model_ref[0]), self.device, compile=compile)
+        self.device, self.model = setup_actor(ray.get(model_ref[0]), gpus, threads, compile=compile)
         self.classes = class_table_from_dict(classes)
         self.output = output
 
@@ -121,8 +118,8 @@ def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[
     returns (height, width, pixel counts per class). DataError naming the file when it
     cannot be read as an image."""
     from dakd.data.readers import decode_grey
-    from dakd.eval.evaluate import segment
-    from dakd.tracking import png_bytes
+    from dakd.eval.figures import png_bytes
+    from dakd.inference import segment
 
     image = decode_grey(storage.read_bytes(uri), uri)
     pred = segment(model, image, device)
@@ -141,7 +138,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     import ray as _ray
     from ray.data import ActorPoolStrategy
 
-    from dakd.eval.evaluate import load_model
+    from dakd.checkpoints import load_model
     from dakd.runtime import init_ray
 
     images = list_images(cfg.input)

@@ -7,7 +7,6 @@ local sqlite store under the job's output (the embedded default).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 
@@ -61,23 +60,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = redact(v)[:500]
     return out
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sample_grid(images: np.ndarray, masks: np.ndarray, colorize) -> np.ndarray:
-    """Rows of [image | coloured mask]: images (N, H, W) uint8, masks (N, H, W) -> (N*H, 2*W, 3) uint8."""
-    rows = []
-    for img, msk in zip(images, masks):
-        rows.append(np.concatenate([np.repeat(img[..., None], 3, axis=-1), colorize(msk)], axis=1))
-    return np.concatenate(rows, axis=0)
 
 
 def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, params: dict,

@@ -43,11 +43,11 @@ class FeatureActor:
 
     def __init__(self, spec: str, pixels_size: int, inception_weights: str | None, batch_size: int,
                  torch_threads: int, use_gpu: bool):
-        import torch
+        from dakd.inference import setup_actor
 
-        torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.extract = make_extractor(spec, pixels_size=pixels_size, inception_weights=inception_weights, device=device)
+        device, _ = setup_actor(None, 1.0 if use_gpu else 0.0, torch_threads)
+        self.extract = make_extractor(spec, pixels_size=pixels_size, inception_weights=inception_weights,
+                                      device=device.type)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:

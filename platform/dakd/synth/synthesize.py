@@ -99,8 +99,8 @@ def plan_ranges(count: int, rows_per_file: int) -> RangePlan:
 
 def teacher_info(cfg: SynthesizeConfig) -> dict:
     """Resolve and check the teacher without loading it: location, state, hash, identity."""
-    from dakd.train import checkpoint as ckpt_io
-    from dakd.train.jointnet import load_teacher, resolve_checkpoint
+    from dakd import checkpoints as ckpt_io
+    from dakd.checkpoints import load_teacher, resolve_checkpoint
 
     try:
         location = resolve_checkpoint(cfg.teacher)
@@ -277,14 +277,13 @@ class SynthActor:
     def __init__(self, job: dict):
         import torch
 
-        from dakd.inference import describe_device, inference_device, precision_name, prepare_model
-        from dakd.train.jointnet import load_teacher
+        from dakd.checkpoints import load_teacher
+        from dakd.inference import describe_device, precision_name, setup_actor
 
-        torch.set_num_threads(int(job["torch_threads"]))
         self.job = job
-        self.device = inference_device(job["gpus_per_actor"])
         model, _ = load_teacher(job["teacher_location"], ema=job["identity"]["weights"] == "ema")
-        self.model = prepare_model(model, self.device, compile=job.get("compile", False))
+        self.device, self.model = setup_actor(model, job["gpus_per_actor"], job["torch_threads"],
+                                              compile=job.get("compile", False))
         # provenance: a re-run of a range writes the same samples on the same hardware
         self.hardware = {"device": describe_device(self.device), "precision": precision_name(self.device),
                          "torch": torch.__version__, "torch_threads": int(job["torch_threads"])}
@@ -335,7 +334,7 @@ class SynthActor:
 def contact_sheet(output: str, files: list[dict], classes: ClassTable, count: int, columns: int = 8) -> np.ndarray | None:
     """The first `count` samples as tiles [image | coloured mask], `columns` tiles per row ->
     (rows*H, columns*2W, 3) uint8 (None when count is 0)."""
-    from dakd.tracking import sample_grid
+    from dakd.eval.figures import sample_grid
 
     images, masks = [], []
     for f in files:
@@ -420,7 +419,7 @@ def run_synthesize(cfg: SynthesizeConfig) -> dict:
 
 def _synthesize(cfg: SynthesizeConfig) -> dict:
     from dakd import tracking
-    from dakd.tracking import png_bytes
+    from dakd.eval.figures import png_bytes
 
     t_start = time.perf_counter()
     info = teacher_info(cfg)

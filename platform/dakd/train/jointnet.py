@@ -31,12 +31,12 @@ from dakd.errors import ConfigError, DakdError, TrainingError
 from dakd.models.jointnet import JointNet, check_arch
 from dakd.progress import current as current_progress, progress_line, report as report_progress
 from dakd.seeds import sample_seed
-from dakd.train import checkpoint as ckpt_io
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import LATEST, resolve_checkpoint
 from dakd.train.ema import EMA
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest.json"
 NONFINITE = "nonfinite.json"  # written by rank 0 when a loss or gradient is not finite
 
 
@@ -91,30 +91,6 @@ def resolve_b(cfg: TrainJointNetConfig, manifest: dict, where: str) -> float:
     return float(bal["b"])
 
 
-def resolve_checkpoint(uri: str) -> str:
-    """A checkpoint location: a checkpoint directory, or a run directory holding latest.json."""
-    if storage.exists(storage.join_uri(uri, ckpt_io.STATE_FILE)):
-        return uri
-    pointer = storage.join_uri(uri, LATEST)
-    if storage.exists(pointer):
-        return json.loads(storage.read_text(pointer))["checkpoint"]
-    raise ConfigError(f"{uri}: no checkpoint here (expected {ckpt_io.STATE_FILE} or {LATEST})")
-
-
-def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
-    """(model in eval mode on CPU, state.json) of a SAR-JointNet checkpoint; EMA weights when present."""
-    location = resolve_checkpoint(uri)
-    state = ckpt_io.read_state(location)
-    if state.get("kind") != "sar-jointnet":
-        raise ConfigError(f"{location}: not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
-    model = JointNet.from_arch(state["arch"])
-    use_ema = ema and storage.exists(storage.join_uri(location, ckpt_io.EMA_FILE))
-    ckpt_io.load_state_into(model, location, ema=use_ema)
-    state["location"] = location
-    state["weights"] = "ema" if use_ema else "model"
-    return model.eval(), state
-
-
 # ---------------------------------------------------------------- per-worker loop
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Ray Train worker: build, restore, train the planned stages, checkpoint, log (rank 0)."""
@@ -122,7 +98,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from dakd.tracking import RunLogger, sample_grid
+    from dakd.eval.figures import sample_grid
+    from dakd.tracking import RunLogger
 
     cfg = TrainJointNetConfig.model_validate(loop_cfg["config"])
     b, classes = float(loop_cfg["b"]), class_table_from_dict(loop_cfg["classes"])
