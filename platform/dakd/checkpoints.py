@@ -110,12 +110,7 @@ def read_state(location: str) -> dict:
     uri = storage.join_uri(location, STATE_FILE)
     if not storage.exists(uri):
         raise ConfigError(f"{location}: not a dakd checkpoint (no {STATE_FILE})")
-    try:
-        state = json.loads(storage.read_text(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(uri, f"not valid JSON ({exc}); the checkpoint is damaged") from None
-    if not isinstance(state, dict):
-        raise DataError(uri, f"a JSON {type(state).__name__}, expected an object; the checkpoint is damaged")
+    state = storage.read_json_object(uri, damaged="; the checkpoint is damaged")
     try:
         CheckpointState.model_validate(state)
     except ValidationError as exc:
