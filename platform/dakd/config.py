@@ -1,4 +1,5 @@
-"""Job configuration: one pydantic model per job; the platform's defaults live only here.
+"""Job configuration: one pydantic model per job, with every user-settable default (module
+constants that are not settings, e.g. tile sizes or file names, live beside the code using them).
 
 A job's config comes from a YAML file (`--config`), then dotted overrides
 (`--set a.b=c`, repeatable; the value is parsed as YAML, so `3`, `0.5`, `true`,

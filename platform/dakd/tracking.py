@@ -1,5 +1,7 @@
-"""MLflow helpers: one place that opens runs, logs params/metrics/images, and checks the
-tracking server before any compute. Only rank 0 of a training job calls these.
+"""MLflow helpers: create or resume a job's run (`start_or_resume_run`), log params, metrics,
+images and dicts without failing the job (`RunLogger`), and check the tracking server before
+any compute. Only rank 0 of a training job logs. (train.saross also re-enters its run with
+mlflow to log the student as an MLflow model.)
 
 The tracking URI comes from config (`tracking.uri`), else MLFLOW_TRACKING_URI, else a
 local sqlite store under the job's output (the embedded default).
