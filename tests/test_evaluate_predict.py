@@ -99,7 +99,7 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     import mlflow
 
     run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(summary["mlflow_run_id"])
-    assert run.data.metrics["test/miou"] == pytest.approx(summary["miou"])
+    assert run.data.metrics["eval/miou"] == pytest.approx(summary["miou"])
 
     with pytest.raises(ConfigError, match="no checkpoint here"):
         run_evaluate(load_config(EvaluateConfig, None, [f"checkpoint={tmp_path}", f"shards={real}", f"output={out}",

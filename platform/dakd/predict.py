@@ -132,9 +132,6 @@ def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[
 
 def run_predict(cfg: PredictConfig) -> dict:
     """Segment every image under `input`; write masks and per-image class areas; returns the summary."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
     import ray as _ray
     from ray.data import ActorPoolStrategy
 
@@ -175,20 +172,29 @@ def run_predict(cfg: PredictConfig) -> dict:
                                    f"{skipped[0]['reason']})")
     rows.sort(key=lambda r: r["id"])
     skipped.sort(key=lambda r: r["id"])
-    table = pa.Table.from_pylist(rows)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(parquet_uri, buf.getvalue())
-    buf = io.BytesIO()
-    pacsv.write_csv(table, buf)
-    storage.write_bytes(storage.join_uri(cfg.output, f"{AREAS}.csv"), buf.getvalue())
-    skipped_uri = storage.join_uri(cfg.output, "skipped.json")
-    if skipped:
-        storage.write_text(skipped_uri, json.dumps(skipped, indent=2))
-    elif storage.exists(skipped_uri):  # a stale list from an earlier run would mislead
-        storage.write_text(skipped_uri, "[]")
+    write_areas(cfg.output, rows, skipped)
     totals = {n: int(sum(r[f"pixels_{n}"] for r in rows)) for n in classes.names}
     print(f"[predict] wrote {len(rows)} masks and {parquet_uri}; class pixels: "
           + ", ".join(f"{n} {v}" for n, v in totals.items()), flush=True)
     return {"job": "predict", "model": prov["model"], "images": len(rows), "output": cfg.output,
             "areas": parquet_uri, "class_pixels": totals, "skipped": skipped}
+
+
+def write_areas(output: str, rows: list[dict], skipped: list[dict]) -> None:
+    """areas.parquet and areas.csv (one row per image), skipped.json (emptied when none was skipped)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join_uri(output, f"{AREAS}.parquet"), buf.getvalue())
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    storage.write_bytes(storage.join_uri(output, f"{AREAS}.csv"), buf.getvalue())
+    skipped_uri = storage.join_uri(output, "skipped.json")
+    if skipped:
+        storage.write_text(skipped_uri, json.dumps(skipped, indent=2))
+    elif storage.exists(skipped_uri):  # a stale list from an earlier run would mislead
+        storage.write_text(skipped_uri, "[]")

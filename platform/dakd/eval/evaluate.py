@@ -30,7 +30,7 @@ from dakd import storage
 from dakd.checkpoints import load_model
 from dakd.config import EvaluateConfig, dump_config
 from dakd.data.classes import ClassTable, class_table_from_dict
-from dakd.data.shards import open_shard_set
+from dakd.data.shards import PAIR_COLUMNS, decode_plane, open_shard_set
 from dakd.errors import DataError
 from dakd.eval.figures import confusion_png, overlay_panel, png_bytes
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
@@ -54,8 +54,7 @@ class EvaluateActor:
     def __call__(self, batch: dict) -> dict:
         cms, overlays = [], []
         for sid, h, w, img, msk in zip(batch["id"], batch["height"], batch["width"], batch["image"], batch["mask"]):
-            image = np.frombuffer(img, dtype=np.uint8).reshape(int(h), int(w))
-            mask = np.frombuffer(msk, dtype=np.uint8).reshape(int(h), int(w))
+            image, mask = decode_plane(img, h, w), decode_plane(msk, h, w)
             pred = segment(self.model, image, self.device)
             cms.append(confusion_matrix(pred, mask, self.c).astype(np.int64).tobytes())
             overlays.append(png_bytes(overlay_panel(image, pred, self.classes, mask)) if str(sid) in self.overlay_ids else b"")
@@ -85,7 +84,7 @@ def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, spl
         ids = read_table(uri, columns=["id"]).column("id").to_pylist()[:overlay_count]
     loc = storage.resolve(shard_set.root)
     ds = ray.data.read_parquet([storage.resolve(f).path for f in files], filesystem=loc.fs,
-                               columns=["id", "height", "width", "image", "mask"])
+                               columns=PAIR_COLUMNS)
     model_ref = [ray.put(model)]  # wrapped in a list so Ray passes the reference, not the object
     out = ds.map_batches(EvaluateActor, fn_constructor_args=(model_ref, classes.num_classes, classes.to_dict(), ids,
                                                               gpus_per_actor, torch_threads, compile),
@@ -150,28 +149,38 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     for sid, data in overlays.items():
         storage.write_bytes(storage.join_uri(cfg.output, "overlays", f"{_safe_name(sid)}.png"), data)
     if uri:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"evaluate:{cfg.output}",
-                                              run_name=f"evaluate-{name}", params=dump_config(cfg),
-                                              tags={"dakd.job": "evaluate", "dakd.model": str(prov["model"])},
-                                              parent_run_id=cfg.tracking.parent_run_id)
-        logger = tracking.RunLogger(uri, run_id)
-        flat = {"test/miou": metrics["miou"], "test/f1": metrics["f1_mean"], "test/precision": metrics["precision_mean"],
-                "test/recall": metrics["recall_mean"], "test/accuracy": metrics["accuracy"]}
-        flat.update({f"test/iou_{k}": v for k, v in metrics["iou"].items() if v == v})
-        logger.log_metrics(flat, 0)
-        logger.log_dict(report, "evaluation/metrics.json")
-        logger.call(logger.client.log_text, run_id, table, "evaluation/table.md")
-        from PIL import Image
-
-        logger.log_image(np.asarray(Image.open(io.BytesIO(cm_png)).convert("RGB")), "evaluation/confusion_matrix.png")
-        for sid, data in overlays.items():
-            logger.log_image(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), f"evaluation/overlays/{_safe_name(sid)}.png")
-        logger.end("FINISHED")
+        run_id = log_run(cfg, uri, name, prov, report, table, cm_png, overlays)
     return {"job": "evaluate", "model": prov["model"], "name": name, "output": cfg.output, "split": cfg.split,
             "selected_on": selected_on,
             "images": metrics["images"], "miou": metrics["miou"], "f1": metrics["f1_mean"], "precision": metrics["precision_mean"],
             "recall": metrics["recall_mean"], "accuracy": metrics["accuracy"], "iou": metrics["iou"],
             "confusion_matrix": cm.tolist(), "mlflow_run_id": run_id, "table": table, "metrics": metrics}
+
+
+def log_run(cfg: EvaluateConfig, uri: str, name: str, prov: dict, report: dict, table: str, cm_png: bytes,
+            overlays: dict[str, bytes]) -> str:
+    """The job's MLflow run: eval/ metrics, metrics.json, the table, the figures. Returns its id."""
+    from PIL import Image
+
+    from dakd import tracking
+
+    metrics = report["metrics"]
+    run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, run_key=f"evaluate:{cfg.output}",
+                                          run_name=f"evaluate-{name}", params=dump_config(cfg),
+                                          tags={"dakd.job": "evaluate", "dakd.model": str(prov["model"])},
+                                          parent_run_id=cfg.tracking.parent_run_id)
+    logger = tracking.RunLogger(uri, run_id)
+    flat = {"eval/miou": metrics["miou"], "eval/f1": metrics["f1_mean"], "eval/precision": metrics["precision_mean"],
+            "eval/recall": metrics["recall_mean"], "eval/accuracy": metrics["accuracy"]}
+    flat.update({f"eval/iou_{k}": v for k, v in metrics["iou"].items() if v == v})
+    logger.log_metrics(flat, 0)
+    logger.log_dict(report, "evaluation/metrics.json")
+    logger.call(logger.client.log_text, run_id, table, "evaluation/table.md")
+    logger.log_image(np.asarray(Image.open(io.BytesIO(cm_png)).convert("RGB")), "evaluation/confusion_matrix.png")
+    for sid, data in overlays.items():
+        logger.log_image(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), f"evaluation/overlays/{_safe_name(sid)}.png")
+    logger.end("FINISHED")
+    return run_id
 
 
 def comparison_table(rows: dict[str, dict], training: dict[str, dict] | None = None, protocol: str | None = None) -> str:
