@@ -247,7 +247,9 @@ def bench_ray(cfg: dict, device: torch.device, root: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from dakd.config import SynthesizeConfig, load_config
-    from dakd.synth.synthesize import generate, plan_ranges, run_synthesize, teacher_info
+    from dakd.synth.actor import generate
+    from dakd.synth.plan import plan_ranges
+    from dakd.synth.synthesize import run_synthesize, teacher_info
     from dakd.checkpoints import load_teacher
 
     gpu = device.type == "cuda"

@@ -38,7 +38,9 @@ from dakd.config import (BalanceConfig, EvaluateSynthesisConfig, IngestConfig, P
 from dakd.data.balance import run_balance  # noqa: E402
 from dakd.data.ingest import run_ingest  # noqa: E402
 from dakd.synth.evaluate import run_evaluate_synthesis  # noqa: E402
-from dakd.synth.synthesize import generate, plan_ranges, run_synthesize, teacher_info  # noqa: E402
+from dakd.synth.actor import generate  # noqa: E402
+from dakd.synth.plan import plan_ranges  # noqa: E402
+from dakd.synth.synthesize import run_synthesize, teacher_info  # noqa: E402
 from dakd.checkpoints import load_teacher  # noqa: E402
 from dakd.train.jointnet import run_train_jointnet  # noqa: E402
 

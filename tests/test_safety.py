@@ -384,7 +384,7 @@ def test_broken_teacher_fails_on_the_driver_before_actors(tmp_path, monkeypatch)
 # ---------------------------------------------------------------- 5. bounded planning
 def test_synthesize_count_bounded_and_ranges_lazy():
     from dakd.config import SynthesizeConfig
-    from dakd.synth.synthesize import plan_ranges
+    from dakd.synth.plan import plan_ranges
 
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="count"):

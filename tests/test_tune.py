@@ -198,7 +198,7 @@ def test_teacher_sweep_over_b(data, tmp_path, mlflow_server):
     fid_runs = {r.data.tags["dakd.tune.trial_id"]: r for r in children if r.data.tags.get("dakd.tune.role") == "evaluate-synthesis"}
     students = {r.data.tags["dakd.tune.trial_id"]: r for r in children if r.data.tags.get("dakd.tune.role") == "student"}
     for row in summary["table"]:
-        fid = fid_runs[row["trial_id"]].data.metrics["gen/fid_pixels"]
+        fid = fid_runs[row["trial_id"]].data.metrics["synthesis/fid_pixels"]
         assert fid >= 0 and row["synthesis/fid"] == pytest.approx(fid)
         assert students[row["trial_id"]].data.metrics["synthesis/fid"] == pytest.approx(fid)
     best = load_config(TrainSarossConfig, summary["best_config"])

@@ -53,7 +53,7 @@ class FeatureActor:
     def __call__(self, batch: dict) -> dict:
         sets, ids, feats, probs = [], [], [], []
         for which, uri, take in zip(batch["set"], batch["uri"], batch["take"]):
-            table = shards.read_table(str(uri), columns=["id", "height", "width", "image"]).slice(0, int(take))
+            table = shards.read_table(str(uri), columns=shards.IMAGE_COLUMNS).slice(0, int(take))
             rows = table.to_pylist()
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
@@ -62,7 +62,7 @@ class FeatureActor:
                 for r in chunk:
                     by_shape.setdefault((int(r["height"]), int(r["width"])), []).append(r)
                 for (h, w), group in by_shape.items():
-                    images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w) for r in group])
+                    images = np.stack([shards.decode_plane(r["image"], h, w) for r in group])
                     f, p = self.extract(images)
                     feats.extend(np.asarray(f, np.float64))
                     probs.extend(np.asarray(p, np.float64) if p is not None else np.zeros((len(group), 1)))
@@ -86,7 +86,7 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
              + plan_files(real, cfg.real_split, cfg.max_samples, "real"))
     if cfg.features == "inception":
         load_inception(cfg.inception_weights)  # a clear error in the driver, before any Ray work
-    uri, run_id = None, None
+    uri = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.synthetic)
         tracking.check_tracking(uri)
@@ -99,23 +99,7 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
                                "torch_threads": cfg.torch_threads, "use_gpu": cfg.gpus_per_actor > 0},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=1, num_gpus=cfg.gpus_per_actor or None)
-    stats = {"synthetic": RunningStats(), "real": RunningStats()}
-    is_acc, has_probs = ISAccumulator(cfg.is_splits), None
-    total = sum(i["take"] for i in items)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for which in ("synthetic", "real"):
-            sel = batch["set"] == which
-            if not sel.any():
-                continue
-            stats[which].update(batch["features"][sel])
-            if which == "synthetic":
-                probs = batch["probs"][sel]
-                has_probs = probs.shape[1] > 1
-                if has_probs:
-                    split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
-                    is_acc.update(probs, split)
-        done = stats["synthetic"].n + stats["real"].n
-        print(f"[evaluate-synthesis] {done}/{total} images featurised ({cfg.features})", flush=True)
+    stats, is_acc, has_probs = featurise(cfg, ds, sum(i["take"] for i in items))
     for which, s in stats.items():
         if s.n < 2:
             raise DataError(cfg.synthetic if which == "synthetic" else cfg.real,
@@ -130,20 +114,50 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
               "counts": {"synthetic": stats["synthetic"].n, "real": stats["real"].n},
               "seconds": time.perf_counter() - t0}
     if cfg.tracking.enabled:
-        run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment,
-                                              run_key=f"evaluate-synthesis:{cfg.synthetic}:{cfg.real}:{cfg.features}",
-                                              run_name="evaluate-synthesis", params=dump_config(cfg),
-                                              tags={"dakd.job": "evaluate-synthesis"},
-                                              parent_run_id=cfg.tracking.parent_run_id)
-        logger = tracking.RunLogger(uri, run_id)
-        metrics = {f"gen/fid_{cfg.features.replace(':', '_')}": fid}
-        if is_mean is not None:
-            metrics.update({"gen/inception_score": is_mean, "gen/inception_score_std": is_std})
-        logger.log_metrics(metrics, step=stats["synthetic"].n)
-        logger.log_dict(result, "evaluate_synthesis.json")
-        logger.end("FINISHED")
-        result["mlflow_run_id"] = run_id
+        result["mlflow_run_id"] = log_run(cfg, uri, result)
     print(f"[evaluate-synthesis] FID {fid:.4f} ({cfg.features}, {stats['synthetic'].n} synthetic vs "
           f"{stats['real'].n} real)" + (f", IS {is_mean:.4f} ± {is_std:.4f}" if is_mean is not None else ", IS n/a"),
           flush=True)
     return result
+
+
+def featurise(cfg: EvaluateSynthesisConfig, ds, total: int) -> tuple[dict, ISAccumulator, bool | None]:
+    """Feature statistics of both sets from the actors' batches -> ({"synthetic", "real":
+    RunningStats}, Inception Score accumulator, whether the extractor gives class probabilities)."""
+    stats = {"synthetic": RunningStats(), "real": RunningStats()}
+    is_acc, has_probs = ISAccumulator(cfg.is_splits), None
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for which in ("synthetic", "real"):
+            sel = batch["set"] == which
+            if not sel.any():
+                continue
+            stats[which].update(batch["features"][sel])
+            if which == "synthetic":
+                probs = batch["probs"][sel]
+                has_probs = probs.shape[1] > 1
+                if has_probs:
+                    split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
+                    is_acc.update(probs, split)
+        done = stats["synthetic"].n + stats["real"].n
+        print(f"[evaluate-synthesis] {done}/{total} images featurised ({cfg.features})", flush=True)
+    return stats, is_acc, has_probs
+
+
+def log_run(cfg: EvaluateSynthesisConfig, uri: str, result: dict) -> str:
+    """The job's MLflow run: synthesis/ metrics (FID, IS) and the result. Returns its id."""
+    from dakd import tracking
+
+    run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment,
+                                          run_key=f"evaluate-synthesis:{cfg.synthetic}:{cfg.real}:{cfg.features}",
+                                          run_name="evaluate-synthesis", params=dump_config(cfg),
+                                          tags={"dakd.job": "evaluate-synthesis"},
+                                          parent_run_id=cfg.tracking.parent_run_id)
+    logger = tracking.RunLogger(uri, run_id)
+    metrics = {f"synthesis/fid_{cfg.features.replace(':', '_')}": result["fid"]}
+    if result["inception_score"] is not None:
+        metrics.update({"synthesis/inception_score": result["inception_score"],
+                        "synthesis/inception_score_std": result["inception_score_std"]})
+    logger.log_metrics(metrics, step=result["counts"]["synthetic"])
+    logger.log_dict(result, "evaluate_synthesis.json")
+    logger.end("FINISHED")
+    return run_id
