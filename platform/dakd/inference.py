@@ -33,13 +33,17 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str, *, compile
     return model
 
 
-def setup_actor(model: torch.nn.Module | None, gpus: float, threads: int, *, compile: bool = False
+def setup_actor(load_model, gpus: float, threads: int, *, compile: bool = False
                 ) -> tuple[torch.device, torch.nn.Module | None]:
-    """An inference actor's set-up: `threads` torch threads, its device (inference_device),
-    the model (when given) on it in eval mode (prepare_model). Returns (device, model)."""
+    """An inference actor's set-up, in this order: `threads` torch threads, its device
+    (inference_device), then the model from `load_model()` (a callable, so that it is built
+    under the thread setting; None: no model) on the device in eval mode (prepare_model).
+    Returns (device, model)."""
     torch.set_num_threads(int(threads))
     device = inference_device(gpus)
-    return device, (prepare_model(model, device, compile=compile) if model is not None else None)
+    if load_model is None:
+        return device, None
+    return device, prepare_model(load_model(), device, compile=compile)
 
 
 def autocast(device: torch.device | str, bf16: bool = True):

@@ -91,7 +91,7 @@ class PredictActor:
 
         from dakd.inference import setup_actor
 
-        self.device, self.model = setup_actor(ray.get(model_ref[0]), gpus, threads, compile=compile)
+        self.device, self.model = setup_actor(lambda: ray.get(model_ref[0]), gpus, threads, compile=compile)
         self.classes = class_table_from_dict(classes)
         self.output = output
 

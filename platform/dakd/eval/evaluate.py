@@ -46,7 +46,7 @@ class EvaluateActor:
                  compile: bool = False):
         import ray
 
-        self.device, self.model = setup_actor(ray.get(model_ref[0]), gpus, threads, compile=compile)
+        self.device, self.model = setup_actor(lambda: ray.get(model_ref[0]), gpus, threads, compile=compile)
         self.c = num_classes
         self.classes = class_table_from_dict(classes)
         self.overlay_ids = set(overlay_ids)

@@ -80,8 +80,11 @@ class SynthActor:
         from dakd.inference import describe_device, precision_name, setup_actor
 
         self.job = job
-        model, _ = load_teacher(job["teacher_location"], ema=job["identity"]["weights"] == "ema")
-        self.device, self.model = setup_actor(model, job["gpus_per_actor"], job["torch_threads"],
+
+        def teacher():
+            return load_teacher(job["teacher_location"], ema=job["identity"]["weights"] == "ema")[0]
+
+        self.device, self.model = setup_actor(teacher, job["gpus_per_actor"], job["torch_threads"],
                                               compile=job.get("compile", False))
         # provenance: a re-run of a range writes the same samples on the same hardware
         self.hardware = {"device": describe_device(self.device), "precision": precision_name(self.device),
