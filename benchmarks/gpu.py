@@ -232,7 +232,7 @@ def _ray_train_loop(config: dict) -> None:
 
 def write_teacher(cfg: dict, directory: str) -> str:
     """A random-weight SAR-JointNet checkpoint of the benchmark's size (what synthesize reads)."""
-    from dakd.train import checkpoint as ckpt_io
+    from dakd import checkpoints as ckpt_io
 
     model = jointnet(cfg, SOS_CLASSES.num_classes)
     ckpt_io.save_checkpoint(directory, model.state_dict(), {
@@ -247,8 +247,10 @@ def bench_ray(cfg: dict, device: torch.device, root: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from dakd.config import SynthesizeConfig, load_config
-    from dakd.synth.synthesize import generate, plan_ranges, run_synthesize, teacher_info
-    from dakd.train.jointnet import load_teacher
+    from dakd.synth.actor import generate
+    from dakd.synth.plan import plan_ranges
+    from dakd.synth.synthesize import run_synthesize, teacher_info
+    from dakd.checkpoints import load_teacher
 
     gpu = device.type == "cuda"
     started = not ray.is_initialized()

@@ -38,8 +38,11 @@ from dakd.config import (BalanceConfig, EvaluateSynthesisConfig, IngestConfig, P
 from dakd.data.balance import run_balance  # noqa: E402
 from dakd.data.ingest import run_ingest  # noqa: E402
 from dakd.synth.evaluate import run_evaluate_synthesis  # noqa: E402
-from dakd.synth.synthesize import generate, plan_ranges, run_synthesize, teacher_info  # noqa: E402
-from dakd.train.jointnet import load_teacher, run_train_jointnet  # noqa: E402
+from dakd.synth.actor import generate  # noqa: E402
+from dakd.synth.plan import plan_ranges  # noqa: E402
+from dakd.synth.synthesize import run_synthesize, teacher_info  # noqa: E402
+from dakd.checkpoints import load_teacher  # noqa: E402
+from dakd.train.jointnet import run_train_jointnet  # noqa: E402
 
 TINY = ["model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
         "model.norm_num_groups=4", "model.attention_head_dim=4", "num_train_timesteps=1000", "crop_size=32",

@@ -20,10 +20,13 @@ from dakd.data import shards
 from dakd.data.classes import OSD_CLASSES
 from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError, DataError
-from dakd.eval.evaluate import TITLE_HEIGHT, run_evaluate
+from dakd.eval.evaluate import run_evaluate
+from dakd.eval.figures import TITLE_HEIGHT
 from dakd.predict import run_predict
-from dakd.train import checkpoint as ckpt_io
-from dakd.train.saross import KIND, arch_dict, build_student, log_mlflow_model
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import STUDENT_KIND as KIND
+from dakd.models.saross import arch_dict, build_student
+from dakd.train.saross import log_mlflow_model
 
 MODEL = SarossModelConfig(encoder="resnet18", decoder_channels=[8, 8, 8], caft_heads=2)
 
@@ -96,7 +99,7 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     import mlflow
 
     run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(summary["mlflow_run_id"])
-    assert run.data.metrics["test/miou"] == pytest.approx(summary["miou"])
+    assert run.data.metrics["eval/miou"] == pytest.approx(summary["miou"])
 
     with pytest.raises(ConfigError, match="no checkpoint here"):
         run_evaluate(load_config(EvaluateConfig, None, [f"checkpoint={tmp_path}", f"shards={real}", f"output={out}",
@@ -168,8 +171,7 @@ def test_predict_folder_masks_and_areas_from_checkpoint_and_mlflow(student, tmp_
     import torch
 
     from dakd.config import TrackingConfig
-    from dakd.eval.evaluate import load_model
-    from dakd.train.checkpoint import load_weights
+    from dakd.checkpoints import load_model, load_weights
 
     def refuse(*args, **kwargs):
         raise AssertionError("mlflow.pytorch.load_model unpickles: dakd must not call it")

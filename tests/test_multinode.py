@@ -238,7 +238,7 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
     from dakd import storage
     from dakd.config import PIPELINE_STAGES
     from dakd.data.shards import open_shard_set
-    from dakd.train.checkpoint import read_state
+    from dakd.checkpoints import read_state
 
     sub_id, summary, _ = pipeline_run
     assert summary["ok"] and summary["output"] == f"{PREFIX}/tiny" and list(summary["stages"]) == list(PIPELINE_STAGES)
@@ -301,7 +301,7 @@ def test_worker_node_lost_during_training_resumes(stack, pipeline_run):
     restarts the group from that checkpoint on the remaining nodes and finishes all steps."""
     from ray.job_submission import JobStatus
 
-    from dakd.train.checkpoint import read_state
+    from dakd.checkpoints import read_state
 
     real = pipeline_run[1]["stages"]["ingest"]["output"]
     out = f"{PREFIX}/fault-a"
@@ -431,7 +431,7 @@ def test_mlflow_down_mid_run_the_run_completes_and_reports_what_was_not_logged(s
     its last step, and the job reports how many MLflow calls were not logged."""
     import mlflow
 
-    from dakd.train.checkpoint import read_state
+    from dakd.checkpoints import read_state
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -488,7 +488,7 @@ def test_same_run_submitted_twice_at_once_the_second_refuses(stack, pipeline_run
     from ray.util.state import list_actors
 
     from dakd.runtime import LOCK_NAMESPACE
-    from dakd.train import checkpoint as ckpt_io
+    from dakd import checkpoints as ckpt_io
 
     real = pipeline_run[1]["stages"]["ingest"]["output"]
     out = f"{PREFIX}/twice"

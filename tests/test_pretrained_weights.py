@@ -24,7 +24,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 BUILD = """
 import json, sys, torch
 from dakd.config import SarossModelConfig
-from dakd.train.saross import build_student
+from dakd.models.saross import build_student
 from dakd.errors import ConfigError
 try:
     model = build_student(SarossModelConfig(encoder=sys.argv[1], pretrained="imagenet",
@@ -104,7 +104,7 @@ def test_weights_of_another_architecture_name_the_setting(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from dakd.train.saross import build_student
+    from dakd.models.saross import build_student
 
     path = tmp_path / "resnet34.safetensors"
     save_file(timm.create_model("resnet34", pretrained=False).state_dict(), str(path))

@@ -401,7 +401,7 @@ def test_procedural_any_size(looks):
 def test_registry_and_pickling(tmp_path):
     import pickle
 
-    from dakd.data import readers
+    from dakd.data import sources as readers
 
     names = ("osd", "sos", "folder", "procedural")
     assert {name: cls.name for name, cls in readers.READERS.items()} == {n: n for n in names}

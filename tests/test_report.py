@@ -20,7 +20,7 @@ from dakd import storage
 from dakd.cli import main
 from dakd.data.classes import OSD_CLASSES, SOS_CLASSES
 from dakd.errors import DataError
-from dakd.eval.evaluate import TITLE_HEIGHT, display_colors, overlay_panel
+from dakd.eval.figures import TITLE_HEIGHT, display_colors, overlay_panel
 from dakd.report import REPORT, build_report, write_report
 
 SECTIONS = ("stages", "data", "training-curves", "synthetic-data", "evaluation")

@@ -145,8 +145,9 @@ def tiny_student(tmp_path_factory):
 
     from dakd.config import SarossModelConfig
     from dakd.data.classes import OSD_CLASSES
-    from dakd.train import checkpoint as ckpt_io
-    from dakd.train.saross import KIND, arch_dict, build_student
+    from dakd import checkpoints as ckpt_io
+    from dakd.checkpoints import STUDENT_KIND as KIND
+    from dakd.models.saross import arch_dict, build_student
 
     torch.manual_seed(0)
     model = SarossModelConfig(encoder="resnet18", decoder_channels=[8, 8, 8], caft_heads=2)
@@ -194,8 +195,8 @@ def test_predict_same_stem_two_masks_and_skip(tiny_student, tmp_path, ray_local)
 def test_tiled_segmentation_matches_whole_and_bounded_memory(tiny_student, tmp_path):
     """Tiles give the whole-image answer away from tile borders, and a 6000x6000 scene is
     predicted (decode, tiled segmentation, mask PNG) within 2 GB of peak RSS in a fresh process."""
-    from dakd.eval.evaluate import segment
-    from dakd.train.saross import load_student
+    from dakd.checkpoints import load_student
+    from dakd.inference import segment
 
     model, _ = load_student(tiny_student)
     img = np.random.default_rng(1).integers(0, 256, (96, 160), dtype=np.uint8)
@@ -301,8 +302,7 @@ def _edit_state(location: str, **changes) -> None:
 
 
 def test_damaged_checkpoints_exit_2_naming_the_file(tiny_student, tmp_path, capsys):
-    from dakd.train.checkpoint import read_state
-    from dakd.train.saross import load_student
+    from dakd.checkpoints import load_student, read_state
 
     assert len(read_state(tiny_student)["weights_sha256"]["model.safetensors"]) == 64
     good = open(os.path.join(tiny_student, "model.safetensors"), "rb").read()
@@ -353,7 +353,7 @@ def test_broken_teacher_fails_on_the_driver_before_actors(tmp_path, monkeypatch)
     from dakd.data.classes import OSD_CLASSES
     from dakd.models.jointnet import JointNet
     from dakd.synth import synthesize
-    from dakd.train import checkpoint as ckpt_io
+    from dakd import checkpoints as ckpt_io
 
     torch.manual_seed(0)
     net = JointNet(in_channels_image=1, num_classes=5, block_out_channels=(8, 16), layers_per_block=1,
@@ -384,7 +384,7 @@ def test_broken_teacher_fails_on_the_driver_before_actors(tmp_path, monkeypatch)
 # ---------------------------------------------------------------- 5. bounded planning
 def test_synthesize_count_bounded_and_ranges_lazy():
     from dakd.config import SynthesizeConfig
-    from dakd.synth.synthesize import plan_ranges
+    from dakd.synth.plan import plan_ranges
 
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="count"):

@@ -22,11 +22,13 @@ from dakd.data.classes import SOS_CLASSES
 from dakd.data.ingest import run_ingest
 from dakd.data.transforms import denormalize_image
 from dakd.diffusion.samplers import sample
-from dakd.errors import ConfigError, DataError, StorageError
+from dakd.errors import ConfigError, DataError, StorageError, SynthesisError
 from dakd.seeds import sample_seed
-from dakd.synth.synthesize import SynthesisError, generate, run_synthesize
-from dakd.train import checkpoint as ckpt_io
-from dakd.train.jointnet import load_teacher, run_train_jointnet
+from dakd.synth.actor import generate
+from dakd.synth.synthesize import run_synthesize
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import load_teacher
+from dakd.train.jointnet import run_train_jointnet
 
 TINY_TEACHER = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
@@ -162,7 +164,7 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     assert "contact_sheet.png" in [a.path for a in client.list_artifacts(summary["mlflow_run_id"])]
-    assert client.get_run(summary["mlflow_run_id"]).data.metrics["synth/count"] == 40
+    assert client.get_run(summary["mlflow_run_id"]).data.metrics["synthesis/count"] == 40
 
     # grow 40 -> 60: ranges 0, 1 untouched; range 2 (ids 32..39) is re-run as ids 32..47 (its
     # old ids regenerate identically: the same fixed batches [30, 35), [35, 40)); range 3 is new

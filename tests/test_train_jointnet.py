@@ -14,9 +14,10 @@ from dakd.config import (BalanceConfig, IngestConfig, ProceduralSource, SourceCo
                          load_config)
 from dakd.data.balance import run_balance
 from dakd.data.ingest import run_ingest
-from dakd.errors import ConfigError
-from dakd.train import checkpoint as ckpt_io
-from dakd.train.jointnet import TrainingError, load_teacher, run_train_jointnet
+from dakd.errors import ConfigError, TrainingError
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import load_teacher
+from dakd.train.jointnet import run_train_jointnet
 
 TINY = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",

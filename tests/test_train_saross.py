@@ -16,8 +16,9 @@ from dakd.data import shards
 from dakd.data.ingest import run_ingest
 from dakd.data.transforms import denormalize_image
 from dakd.errors import ConfigError, DataError
-from dakd.train import checkpoint as ckpt_io
-from dakd.train.saross import load_student, run_train_saross
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import load_student
+from dakd.train.saross import run_train_saross
 from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
 
 TILE = 32

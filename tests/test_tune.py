@@ -17,8 +17,7 @@ import yaml
 
 from dakd.config import TrainSarossConfig, TuneConfig, load_config
 from dakd.data import shards
-from dakd.errors import ConfigError
-from dakd.tracking import TrackingError
+from dakd.errors import ConfigError, TrackingError
 from dakd.tune.space import parse_space
 from dakd.tune.sweep import run_tune
 from test_synthesize import TINY_TEACHER
@@ -199,7 +198,7 @@ def test_teacher_sweep_over_b(data, tmp_path, mlflow_server):
     fid_runs = {r.data.tags["dakd.tune.trial_id"]: r for r in children if r.data.tags.get("dakd.tune.role") == "evaluate-synthesis"}
     students = {r.data.tags["dakd.tune.trial_id"]: r for r in children if r.data.tags.get("dakd.tune.role") == "student"}
     for row in summary["table"]:
-        fid = fid_runs[row["trial_id"]].data.metrics["gen/fid_pixels"]
+        fid = fid_runs[row["trial_id"]].data.metrics["synthesis/fid_pixels"]
         assert fid >= 0 and row["synthesis/fid"] == pytest.approx(fid)
         assert students[row["trial_id"]].data.metrics["synthesis/fid"] == pytest.approx(fid)
     best = load_config(TrainSarossConfig, summary["best_config"])

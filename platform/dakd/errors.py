@@ -27,5 +27,21 @@ class StorageError(DakdError):
     """A storage URI cannot be read or written."""
 
 
+class TuneError(DakdError):
+    """The sweep could not produce a result (e.g. every trial failed)."""
+
+
+class RunBusyError(DakdError):
+    """Another job on this Ray cluster is writing the same run (output location)."""
+
+
 class TrainingError(DakdError):
     """Training stopped (e.g. a non-finite loss); the last good checkpoint is intact."""
+
+
+class TrackingError(DakdError):
+    """The MLflow tracking server cannot be reached or refused a request."""
+
+
+class SynthesisError(DakdError):
+    """The synthesis job failed (an actor error); finished ranges are kept for a re-run."""

@@ -1,4 +1,5 @@
-"""Inference device set-up shared by synthesis, evaluation and prediction.
+"""Inference shared by synthesis, evaluation, prediction and validation: actor set-up
+(threads, device, model), and `segment` (an image of any size -> class map, tiled when large).
 
 On a CUDA device the network runs in bf16 autocast (weights stay float32; outputs are cast
 back to float32 by the callers) with channels_last weights (faster convolutions on tensor
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
+
+from dakd.data.transforms import normalize_image
 
 
 def inference_device(gpus: float) -> torch.device:
@@ -27,6 +31,19 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str, *, compile
     if compile:
         model = torch.compile(model)
     return model
+
+
+def setup_actor(load_model, gpus: float, threads: int, *, compile: bool = False
+                ) -> tuple[torch.device, torch.nn.Module | None]:
+    """An inference actor's set-up, in this order: `threads` torch threads, its device
+    (inference_device), then the model from `load_model()` (a callable, so that it is built
+    under the thread setting; None: no model) on the device in eval mode (prepare_model).
+    Returns (device, model)."""
+    torch.set_num_threads(int(threads))
+    device = inference_device(gpus)
+    if load_model is None:
+        return device, None
+    return device, prepare_model(load_model(), device, compile=compile)
 
 
 def autocast(device: torch.device | str, bf16: bool = True):
@@ -48,3 +65,55 @@ def describe_device(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
+
+
+@torch.no_grad()
+def segment_logits(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W) uint8 grey image -> (C, H, W) float32 logits on CPU, at full resolution."""
+    device = torch.device(device)
+    x = normalize_image(torch.from_numpy(np.array(image, dtype=np.uint8)))[None, None].to(device)
+    with autocast(device):
+        logits = model(x)
+    return logits[0].float().cpu()
+
+
+# Scenes larger than TILE pixels on a side (OSD 650x1250 stays whole) are segmented in
+# overlapping TILE x TILE tiles:
+# memory is then set by the tile, not the scene (a 6000x6000 scene in well under 2 GB).
+TILE = 2048
+TILE_OVERLAP = 128
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+    """[(origin, keep_start, keep_stop)] along one axis of length `size`: tiles of `tile`
+    pixels whose kept interiors (each tile's margins of `overlap` pixels dropped, except at
+    the scene's edges) cover 0..size exactly once."""
+    if size <= tile:
+        return [(0, 0, size)]
+    stride = tile - 2 * overlap
+    spans, covered = [], 0
+    for start in range(0, size, stride):
+        origin = min(start, size - tile)
+        stop = size if origin + tile >= size else origin + tile - overlap
+        spans.append((origin, covered, stop))
+        covered = stop
+        if stop >= size:
+            break
+    return spans
+
+
+def segment(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu",
+            tile: int = TILE, overlap: int = TILE_OVERLAP) -> np.ndarray:
+    """(H, W) uint8 grey image -> (H, W) uint8 class map (argmax of the logits). Whole when
+    both sides are <= tile; otherwise tile by tile (see tile_spans), so peak memory does
+    not grow with the scene beyond the (H, W) image and class map themselves."""
+    h, w = image.shape
+    if h <= tile and w <= tile:
+        return segment_logits(model, image, device).argmax(dim=0).to(torch.uint8).numpy()
+    out = np.empty((h, w), dtype=np.uint8)
+    for y0, ya, yb in tile_spans(h, tile, overlap):
+        for x0, xa, xb in tile_spans(w, tile, overlap):
+            part = image[y0 : y0 + min(tile, h), x0 : x0 + min(tile, w)]
+            pred = segment_logits(model, part, device).argmax(dim=0).to(torch.uint8).numpy()
+            out[ya:yb, xa:xb] = pred[ya - y0 : yb - y0, xa - x0 : xb - x0]
+    return out

@@ -71,8 +71,8 @@ def _tracked(uri: str | None, parent: str | None, cfg: PipelineConfig, stage: st
 
 
 def _train_jointnet(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
-    from dakd.train.checkpoint import read_state
-    from dakd.train.jointnet import LATEST, run_train_jointnet
+    from dakd.checkpoints import LATEST, read_state
+    from dakd.train.jointnet import run_train_jointnet
 
     jcfg = cfg.jointnet.model_copy(update={"shards": real, "output": storage.join_uri(cfg.output, "teacher"),
                                            "ray": cfg.ray, "tracking": tracking_cfg})
@@ -104,8 +104,8 @@ def _evaluate_synthesis(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
 
 def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     """One SAROSS-Net per mode in cfg.student_modes; a finished run of the same config is skipped."""
-    from dakd.train.checkpoint import read_state
-    from dakd.train.saross import BEST, run_train_saross
+    from dakd.checkpoints import BEST, read_state
+    from dakd.train.saross import run_train_saross
 
     out = {}
     for mode in cfg.student_modes:
@@ -127,9 +127,7 @@ def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
 def student_training(run_dir: str) -> dict:
     """What a finished student run trained with: {"steps", "batch_size", "samples_seen",
     "selected_on"} (from its last checkpoint and best.json)."""
-    from dakd.train.checkpoint import read_state
-    from dakd.train.jointnet import LATEST
-    from dakd.train.saross import BEST
+    from dakd.checkpoints import BEST, LATEST, read_state
 
     last = read_state(json.loads(storage.read_text(storage.join_uri(run_dir, LATEST)))["checkpoint"])
     best = json.loads(storage.read_text(storage.join_uri(run_dir, BEST)))

@@ -88,13 +88,10 @@ class PredictActor:
 
     def __init__(self, model_ref, classes: dict, output: str, gpus: float, threads: int, compile: bool = False):
         import ray
-        import torch
 
-        from dakd.inference import inference_device, prepare_model
+        from dakd.inference import setup_actor
 
-        torch.set_num_threads(threads)
-        self.device = inference_device(gpus)
-        self.model = prepare_model(ray.get(model_ref[0]), self.device, compile=compile)
+        self.device, self.model = setup_actor(lambda: ray.get(model_ref[0]), gpus, threads, compile=compile)
         self.classes = class_table_from_dict(classes)
         self.output = output
 
@@ -121,8 +118,8 @@ def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[
     returns (height, width, pixel counts per class). DataError naming the file when it
     cannot be read as an image."""
     from dakd.data.readers import decode_grey
-    from dakd.eval.evaluate import segment
-    from dakd.tracking import png_bytes
+    from dakd.eval.figures import png_bytes
+    from dakd.inference import segment
 
     image = decode_grey(storage.read_bytes(uri), uri)
     pred = segment(model, image, device)
@@ -135,13 +132,10 @@ def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[
 
 def run_predict(cfg: PredictConfig) -> dict:
     """Segment every image under `input`; write masks and per-image class areas; returns the summary."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
     import ray as _ray
     from ray.data import ActorPoolStrategy
 
-    from dakd.eval.evaluate import load_model
+    from dakd.checkpoints import load_model
     from dakd.runtime import init_ray
 
     images = list_images(cfg.input)
@@ -178,20 +172,29 @@ def run_predict(cfg: PredictConfig) -> dict:
                                    f"{skipped[0]['reason']})")
     rows.sort(key=lambda r: r["id"])
     skipped.sort(key=lambda r: r["id"])
-    table = pa.Table.from_pylist(rows)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(parquet_uri, buf.getvalue())
-    buf = io.BytesIO()
-    pacsv.write_csv(table, buf)
-    storage.write_bytes(storage.join_uri(cfg.output, f"{AREAS}.csv"), buf.getvalue())
-    skipped_uri = storage.join_uri(cfg.output, "skipped.json")
-    if skipped:
-        storage.write_text(skipped_uri, json.dumps(skipped, indent=2))
-    elif storage.exists(skipped_uri):  # a stale list from an earlier run would mislead
-        storage.write_text(skipped_uri, "[]")
+    write_areas(cfg.output, rows, skipped)
     totals = {n: int(sum(r[f"pixels_{n}"] for r in rows)) for n in classes.names}
     print(f"[predict] wrote {len(rows)} masks and {parquet_uri}; class pixels: "
           + ", ".join(f"{n} {v}" for n, v in totals.items()), flush=True)
     return {"job": "predict", "model": prov["model"], "images": len(rows), "output": cfg.output,
             "areas": parquet_uri, "class_pixels": totals, "skipped": skipped}
+
+
+def write_areas(output: str, rows: list[dict], skipped: list[dict]) -> None:
+    """areas.parquet and areas.csv (one row per image), skipped.json (emptied when none was skipped)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join_uri(output, f"{AREAS}.parquet"), buf.getvalue())
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    storage.write_bytes(storage.join_uri(output, f"{AREAS}.csv"), buf.getvalue())
+    skipped_uri = storage.join_uri(output, "skipped.json")
+    if skipped:
+        storage.write_text(skipped_uri, json.dumps(skipped, indent=2))
+    elif storage.exists(skipped_uri):  # a stale list from an earlier run would mislead
+        storage.write_text(skipped_uri, "[]")

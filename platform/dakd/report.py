@@ -21,6 +21,7 @@ import time
 
 from dakd import storage
 from dakd.errors import DataError
+from dakd.eval.figures import display_colors, figure_png, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,7 @@ def _data_section(root: str) -> str:
 
 def _curves_png(series: dict[str, list[tuple[int, float]]], title: str, xlabel: str) -> bytes:
     """Line plot of {label: [(step, value)]} -> PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for label, points in series.items():
         xs, ys = zip(*points)
@@ -117,10 +114,7 @@ def _curves_png(series: dict[str, list[tuple[int, float]]], title: str, xlabel: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=90)
 
 
 def _history(client, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -225,7 +219,6 @@ def _eval_section(root: str) -> str:
 
 def _legend(root: str, names: list[str]) -> str:
     from dakd.data.shards import read_manifest
-    from dakd.eval.evaluate import display_colors
 
     m = read_manifest(storage.join_uri(root, "real")) or {}
     colors = display_colors(m.get("classes", {}).get("colors"), len(names))

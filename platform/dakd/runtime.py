@@ -12,7 +12,7 @@ import socket
 import time
 
 from dakd.config import RayConfig
-from dakd.errors import DakdError
+from dakd.errors import RunBusyError
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ def shutdown_ray() -> None:
 LOCK_NAMESPACE = "dakd-run-locks"
 
 
-class RunBusyError(DakdError):
-    """Another job on this Ray cluster is writing the same run (output location)."""
 
 
 def _submission_id() -> str | None:

@@ -13,8 +13,8 @@ from dakd.data.classes import class_table_from_dict
 from dakd.data.transforms import denormalize_image
 from dakd.diffusion.samplers import sample
 from dakd.seeds import sample_seed
-from dakd.tracking import png_bytes, sample_grid
-from dakd.train.jointnet import load_teacher
+from dakd.checkpoints import load_teacher
+from dakd.eval.figures import png_bytes, sample_grid
 
 
 def run_sample(cfg: SampleConfig) -> dict:

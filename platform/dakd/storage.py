@@ -8,6 +8,7 @@ AWS_REGION/AWS_DEFAULT_REGION, ~/.aws/...). Nothing here prints or stores them.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from dakd.errors import StorageError
+from dakd.errors import DataError, StorageError
 
 # Bounded retries against an S3 endpoint that does not answer, then a clear error.
 S3_CONNECT_TIMEOUT_S = 5.0
@@ -222,3 +223,15 @@ def check_writable(uri: str) -> None:
         loc.fs.delete_file(loc.path)
     except OSError as exc:
         raise _wrap(loc, "delete", exc) from exc
+
+
+def read_json_object(uri: str, what: str = "", damaged: str = "") -> dict:
+    """The JSON object stored at `uri`; DataError naming it when it is not JSON or not an
+    object (message: `what` + the problem + `damaged`, e.g. "manifest is " / "; the checkpoint is damaged")."""
+    try:
+        value = json.loads(read_text(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(uri, f"{what}not valid JSON ({exc}){damaged}") from None
+    if not isinstance(value, dict):
+        raise DataError(uri, f"{what}a JSON {type(value).__name__}, expected an object{damaged}")
+    return value

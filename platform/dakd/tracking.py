@@ -13,7 +13,6 @@ local sqlite store under the job's output (the embedded default).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from contextlib import contextmanager
@@ -21,14 +20,12 @@ from typing import Iterator
 
 import numpy as np
 
-from dakd.errors import DakdError
+from dakd.errors import TrackingError
 from dakd.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
 
-class TrackingError(DakdError):
-    """The MLflow tracking server cannot be reached or refused a request."""
 
 
 def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:
@@ -71,23 +68,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = redact(v)[:500]
     return out
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sample_grid(images: np.ndarray, masks: np.ndarray, colorize) -> np.ndarray:
-    """Rows of [image | coloured mask]: images (N, H, W) uint8, masks (N, H, W) -> (N*H, 2*W, 3) uint8."""
-    rows = []
-    for img, msk in zip(images, masks):
-        rows.append(np.concatenate([np.repeat(img[..., None], 3, axis=-1), colorize(msk)], axis=1))
-    return np.concatenate(rows, axis=0)
 
 
 def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, params: dict,

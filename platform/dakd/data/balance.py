@@ -15,6 +15,7 @@ import numpy as np
 
 from dakd.config import BalanceConfig
 from dakd.data import shards
+from dakd.data.shards import PAIR_COLUMNS, decode_plane
 from dakd.data.transforms import label_signal, normalize_image
 from dakd.runtime import init_ray
 from dakd import storage
@@ -42,8 +43,7 @@ def balance_factor(power_x: float, power_y: float) -> float:
 def _batch_powers(batch: dict, num_classes: int) -> dict:
     px, py = [], []
     for h, w, img, msk in zip(batch["height"], batch["width"], batch["image"], batch["mask"]):
-        image = np.frombuffer(img, dtype=np.uint8).reshape(int(h), int(w))
-        mask = np.frombuffer(msk, dtype=np.uint8).reshape(int(h), int(w))
+        image, mask = decode_plane(img, h, w), decode_plane(msk, h, w)
         a, b = sample_powers(image, mask, num_classes)
         px.append(a)
         py.append(b)
@@ -58,7 +58,7 @@ def run_balance(cfg: BalanceConfig) -> dict:
     ray = init_ray(cfg.ray)
     loc = storage.resolve(cfg.shards)
     paths = [storage.resolve(f).path for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["height", "width", "image", "mask"])
+    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=PAIR_COLUMNS)
     rows = ds.map_batches(_batch_powers, fn_kwargs={"num_classes": num_classes}, batch_format="numpy").take_all()
     n = len(rows)
     if n == 0:

@@ -49,8 +49,6 @@ SOS_CLASSES = ClassTable(
     colors=((0, 0, 0), (255, 255, 255)),
 )
 
-CLASS_TABLES = {t.name: t for t in (OSD_CLASSES, SOS_CLASSES)}
-
 
 def class_table_from_dict(d: dict) -> ClassTable:
     """Inverse of ClassTable.to_dict (used when reading a manifest)."""

@@ -13,18 +13,8 @@ import numpy as np
 
 from dakd import storage
 from dakd.data.classes import ClassTable
-from dakd.data.readers import (
-    PairRef,
-    check_off_palette,
-    decode_grey,
-    decode_index_mask,
-    decode_rgb,
-    files_by_key,
-    make_record,
-    map_palette,
-    pair_by_key,
-    require_folder,
-)
+from dakd.data.readers import (PairRef, check_off_palette, decode_grey, decode_index_mask, decode_rgb, files_by_key,
+                               make_record, map_palette, pair_by_key, require_folder)
 from dakd.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

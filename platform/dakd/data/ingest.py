@@ -24,6 +24,7 @@ import numpy as np
 from dakd import __version__, storage
 from dakd.config import IngestConfig, SourceConfig, dump_config
 from dakd.data import shards
+from dakd.data.shards import VAL_FROM, VAL_SPLIT
 from dakd.data.readers import PairRef
 from dakd.data.sources import make_reader
 from dakd.data.transforms import NORMALIZATION
@@ -42,10 +43,6 @@ def _ref_to_dict(ref: PairRef) -> dict:
 
 def _ref_from_dict(d: dict) -> PairRef:
     return PairRef(**{**d, "extra": tuple(tuple(kv) for kv in d["extra"])})
-
-
-VAL_SPLIT = "val"
-VAL_FROM = "train"
 
 
 def assign_splits(refs: list[PairRef], val_fraction: float | None) -> tuple[dict[str, str], dict | None]:

@@ -13,19 +13,8 @@ from typing import Sequence
 
 from dakd import storage
 from dakd.data.classes import OSD_CLASSES
-from dakd.data.readers import (
-    PairRef,
-    check_off_palette,
-    decode_grey,
-    decode_index_mask,
-    decode_rgb,
-    files_by_key,
-    make_record,
-    map_palette,
-    pair_by_key,
-    problem,
-    require_folder,
-)
+from dakd.data.readers import (PairRef, check_off_palette, decode_grey, decode_index_mask, decode_rgb, files_by_key,
+                               make_record, map_palette, pair_by_key, problem, require_folder)
 from dakd.errors import ConfigError, DataError
 
 LAYOUT = "<split>/images/*.jpg with <split>/labels_1D/*.png (class index) or <split>/labels/*.png (RGB palette)"

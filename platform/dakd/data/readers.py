@@ -1,4 +1,6 @@
 """The reader protocol every data source implements, and the helpers they share.
+The readers themselves (osd, sos, folder, procedural) import this module; which reader a
+source config gets is decided in one place, `dakd.data.sources.make_reader`.
 
 A reader lists its samples cheaply as `PairRef`s (no decoding) and turns one ref into a
 record dict with exactly the keys in `RECORD_KEYS`:
@@ -63,22 +65,6 @@ class Reader(Protocol):
         naming the file on a corrupt or truncated image, an image/mask size mismatch,
         invalid mask values or too many off-palette pixels."""
         ...
-
-
-def __getattr__(name: str):
-    """`READERS` (reader name -> class), built on first use: the reader modules import
-    this module, so importing them here at load time would be circular."""
-    if name == "READERS":
-        from dakd.data.folder import FolderReader
-        from dakd.data.osd import OSDReader
-        from dakd.data.procedural import ProceduralReader
-        from dakd.data.sos import SOSReader
-
-        return {"osd": OSDReader, "sos": SOSReader, "folder": FolderReader, "procedural": ProceduralReader}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------- decoding
 
 
 def _open(data: bytes, path: str) -> Image.Image:

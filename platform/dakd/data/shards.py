@@ -73,6 +73,26 @@ SYNTH_FIELDS = [
 ]
 SYNTH_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field(n, t) for n, t in SYNTH_FIELDS])
 
+# Split names: ingest carves VAL_SPLIT out of VAL_FROM; `dakd synthesize` writes its samples to SYNTHETIC_SPLIT.
+VAL_SPLIT = "val"
+VAL_FROM = "train"
+SYNTHETIC_SPLIT = "train"
+
+# The columns each kind of reader needs (read only these: the rest is provenance).
+PAIR_COLUMNS = ["id", "height", "width", "image", "mask"]  # image + mask: training crops, evaluation, balance
+IMAGE_COLUMNS = ["id", "height", "width", "image"]  # image only: FID / IS features
+SOFT_COLUMNS = ["id", "height", "width", "num_classes", "image", "logits"]  # synthetic image + teacher logits
+
+
+def decode_plane(data: bytes, height: int, width: int) -> np.ndarray:
+    """The bytes of an `image` or `mask` cell -> (H, W) uint8 (a read-only view of the bytes)."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(int(height), int(width))
+
+
+def decode_logits(data: bytes, height: int, width: int, num_classes: int = -1) -> np.ndarray:
+    """The bytes of a `logits` cell -> (C, H, W) float16 (C inferred when not given)."""
+    return np.frombuffer(data, dtype=np.float16).reshape(int(num_classes), int(height), int(width))
+
 
 def shard_name(split: str, index: int, generation: str | None = None) -> str:
     """Deterministic relative object name of shard `index` of `split` (under `generation`, when given)."""
@@ -143,11 +163,10 @@ def row_to_record(row: dict) -> dict:
     """A table row (dict of Python/bytes values) -> record with numpy arrays."""
     h, w = int(row["height"]), int(row["width"])
     rec = dict(row)
-    rec["image"] = np.frombuffer(row["image"], dtype=np.uint8).reshape(h, w)
-    rec["mask"] = np.frombuffer(row["mask"], dtype=np.uint8).reshape(h, w)
+    rec["image"] = decode_plane(row["image"], h, w)
+    rec["mask"] = decode_plane(row["mask"], h, w)
     if row.get("logits") is not None:
-        logits = np.frombuffer(row["logits"], dtype=np.float16)
-        rec["logits"] = logits.reshape(-1, h, w)
+        rec["logits"] = decode_logits(row["logits"], h, w)
     return rec
 
 
@@ -238,13 +257,7 @@ def read_manifest(root: str) -> dict | None:
     uri = storage.join_uri(root, MANIFEST)
     if not storage.exists(uri):
         return None
-    try:
-        manifest = json.loads(storage.read_text(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(uri, f"manifest is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise DataError(uri, f"manifest is a JSON {type(manifest).__name__}, expected an object")
-    return manifest
+    return storage.read_json_object(uri, what="manifest is ")
 
 
 def open_shard_set(root: str, verify: bool = True) -> ShardSet:

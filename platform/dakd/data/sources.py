@@ -1,9 +1,16 @@
-"""Config -> reader: the one place that maps a SourceConfig onto a reader constructor."""
+"""Config -> reader: the one registry of readers (`READERS`, source kind -> reader class) and
+the one place that maps a SourceConfig onto a reader constructor."""
 
 from __future__ import annotations
 
 from dakd.config import SourceConfig
 from dakd.data.classes import OSD_CLASSES, ClassTable
+from dakd.data.folder import FolderReader
+from dakd.data.osd import OSDReader
+from dakd.data.procedural import ProceduralReader
+from dakd.data.sos import SOSReader
+
+READERS = {"osd": OSDReader, "sos": SOSReader, "folder": FolderReader, "procedural": ProceduralReader}
 
 
 def folder_classes(cfg: SourceConfig) -> ClassTable:
@@ -16,25 +23,22 @@ def folder_classes(cfg: SourceConfig) -> ClassTable:
     return ClassTable(name="folder", names=names, colors=colors)
 
 
+def reader_kwargs(cfg: SourceConfig) -> dict:
+    """The constructor arguments of the reader of `cfg.kind`."""
+    if cfg.kind == "procedural":
+        p = cfg.procedural
+        return {"splits": dict(p.splits), "height": p.height, "width": p.width, "seed": p.seed, "looks": p.looks}
+    if cfg.kind == "osd":
+        return {"root": cfg.root, "splits": list(cfg.splits), "max_off_palette_share": cfg.max_off_palette_share}
+    if cfg.kind == "sos":
+        return {"root": cfg.root, "splits": list(cfg.splits), "sensors": list(cfg.sensors)}
+    palette = [list(c) for c in cfg.palette] if cfg.palette is not None else None
+    return {"root": cfg.root, "split": cfg.folder_split, "palette": palette, "classes": folder_classes(cfg),
+            "max_off_palette_share": cfg.max_off_palette_share}
+
+
 def make_reader(cfg: SourceConfig):
     """A reader for `cfg` (see data.readers for the protocol)."""
-    if cfg.kind == "procedural":
-        from dakd.data.procedural import ProceduralReader
-
-        p = cfg.procedural
-        return ProceduralReader(splits=dict(p.splits), height=p.height, width=p.width, seed=p.seed, looks=p.looks)
-    if cfg.kind == "osd":
-        from dakd.data.osd import OSDReader
-
-        return OSDReader(root=cfg.root, splits=list(cfg.splits), max_off_palette_share=cfg.max_off_palette_share)
-    if cfg.kind == "sos":
-        from dakd.data.sos import SOSReader
-
-        return SOSReader(root=cfg.root, splits=list(cfg.splits), sensors=list(cfg.sensors))
-    if cfg.kind == "folder":
-        from dakd.data.folder import FolderReader
-
-        palette = [list(c) for c in cfg.palette] if cfg.palette is not None else None
-        return FolderReader(root=cfg.root, split=cfg.folder_split, palette=palette, classes=folder_classes(cfg),
-                            max_off_palette_share=cfg.max_off_palette_share)
-    raise ValueError(f"unknown source kind {cfg.kind!r}")
+    if cfg.kind not in READERS:
+        raise ValueError(f"unknown source kind {cfg.kind!r}")
+    return READERS[cfg.kind](**reader_kwargs(cfg))

@@ -43,7 +43,6 @@ Pretrained weights (`pretrained`: "imagenet", a local path, file:// or s3:// URI
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from typing import Sequence
@@ -52,9 +51,10 @@ import torch
 import torch.nn as nn
 
 from dakd.errors import ConfigError
+from dakd.weights import read_state_dict
 
 __all__ = ["Encoder", "MambaVisionEncoder", "TimmEncoder", "build_encoder", "mambavision_names",
-           "read_state_dict", "REDUCTIONS"]
+           "REDUCTIONS"]
 
 REDUCTIONS = (4, 8, 16, 32)
 _MV_PREFIX = "mambavision_"
@@ -69,43 +69,6 @@ class Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- weights
-
-
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a path/URI without unpickling arbitrary objects."""
-    from dakd import storage
-    from dakd.errors import StorageError
-
-    try:
-        found = storage.exists(uri)
-    except StorageError as exc:
-        raise ConfigError(f"model.pretrained: weights {uri}: {exc}") from exc
-    if not found:
-        raise ConfigError(f"model.pretrained: weights not found: {uri}")
-    try:
-        data = storage.read_bytes(uri)
-    except StorageError as exc:
-        raise ConfigError(f"model.pretrained: weights {uri}: {exc}") from exc
-    try:
-        if str(uri).endswith(".safetensors"):
-            from safetensors.torch import load as st_load
-
-            obj = st_load(data)
-        else:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or a pickle holding more than tensors
-        raise ConfigError(f"model.pretrained: weights {uri}: cannot be read as safetensors or as a "
-                          f"weights-only torch checkpoint ({type(exc).__name__}: {exc})") from exc
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"model.pretrained: weights {uri}: expected a state dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
 
 
 def _fit_error(uri: str, missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str]) -> ConfigError:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dakd.config import SarossModelConfig
 from dakd.models.decoder import UNetPlusPlusDecoder
 from dakd.models.encoders import build_encoder
 
@@ -53,3 +54,21 @@ class SAROSSNet(nn.Module):
             x = F.pad(x, (0, pw, 0, ph), mode="constant", value=0.0)
         logits = self.decoder(self.encoder(x), out_size=x.shape[-2:])
         return logits[..., :h, :w]
+
+
+IN_CHANS = 1  # SAR images are single-channel
+
+
+def build_student(model: SarossModelConfig | dict, num_classes: int, in_chans: int = IN_CHANS,
+                  pretrained: bool = True) -> SAROSSNet:
+    """SAROSS-Net from its model config (or the `arch` dict of a checkpoint)."""
+    m = model if isinstance(model, SarossModelConfig) else SarossModelConfig.model_validate(
+        {k: v for k, v in model.items() if k in SarossModelConfig.model_fields})
+    return SAROSSNet(encoder_name=m.encoder, num_classes=num_classes, in_chans=in_chans,
+                     pretrained=m.pretrained if pretrained else None, decoder_channels=tuple(m.decoder_channels),
+                     skip_module=m.skip_module, caft_heads=m.caft_heads)
+
+
+def arch_dict(model: SarossModelConfig, num_classes: int, in_chans: int = IN_CHANS) -> dict:
+    """The `arch` a student checkpoint records: the model config plus classes and input channels."""
+    return {**model.model_dump(mode="json"), "num_classes": num_classes, "in_chans": in_chans}

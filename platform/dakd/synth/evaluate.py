@@ -43,17 +43,17 @@ class FeatureActor:
 
     def __init__(self, spec: str, pixels_size: int, inception_weights: str | None, batch_size: int,
                  torch_threads: int, use_gpu: bool):
-        import torch
+        from dakd.inference import setup_actor
 
-        torch.set_num_threads(torch_threads)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.extract = make_extractor(spec, pixels_size=pixels_size, inception_weights=inception_weights, device=device)
+        device, _ = setup_actor(None, 1.0 if use_gpu else 0.0, torch_threads)
+        self.extract = make_extractor(spec, pixels_size=pixels_size, inception_weights=inception_weights,
+                                      device=device.type)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
         sets, ids, feats, probs = [], [], [], []
         for which, uri, take in zip(batch["set"], batch["uri"], batch["take"]):
-            table = shards.read_table(str(uri), columns=["id", "height", "width", "image"]).slice(0, int(take))
+            table = shards.read_table(str(uri), columns=shards.IMAGE_COLUMNS).slice(0, int(take))
             rows = table.to_pylist()
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
@@ -62,7 +62,7 @@ class FeatureActor:
                 for r in chunk:
                     by_shape.setdefault((int(r["height"]), int(r["width"])), []).append(r)
                 for (h, w), group in by_shape.items():
-                    images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w) for r in group])
+                    images = np.stack([shards.decode_plane(r["image"], h, w) for r in group])
                     f, p = self.extract(images)
                     feats.extend(np.asarray(f, np.float64))
                     probs.extend(np.asarray(p, np.float64) if p is not None else np.zeros((len(group), 1)))
@@ -96,23 +96,7 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
                                "torch_threads": cfg.torch_threads, "use_gpu": cfg.gpus_per_actor > 0},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
-    stats = {"synthetic": RunningStats(), "real": RunningStats()}
-    is_acc, has_probs = ISAccumulator(cfg.is_splits), None
-    total = sum(i["take"] for i in items)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for which in ("synthetic", "real"):
-            sel = batch["set"] == which
-            if not sel.any():
-                continue
-            stats[which].update(batch["features"][sel])
-            if which == "synthetic":
-                probs = batch["probs"][sel]
-                has_probs = probs.shape[1] > 1
-                if has_probs:
-                    split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
-                    is_acc.update(probs, split)
-        done = stats["synthetic"].n + stats["real"].n
-        print(f"[evaluate-synthesis] {done}/{total} images featurised ({cfg.features})", flush=True)
+    stats, is_acc, has_probs = featurise(cfg, ds, sum(i["take"] for i in items))
     for which, s in stats.items():
         if s.n < 2:
             raise DataError(cfg.synthetic if which == "synthetic" else cfg.real,
@@ -129,15 +113,43 @@ def run_evaluate_synthesis(cfg: EvaluateSynthesisConfig) -> dict:
     with tracking.job_run(cfg.tracking, uri=uri, job="evaluate-synthesis",
                           run_key=f"evaluate-synthesis:{cfg.synthetic}:{cfg.real}:{cfg.features}",
                           run_name="evaluate-synthesis", params=dump_config(cfg)) as run:
-        logger = run.logger  # does nothing when tracking is off
-        metrics = {f"gen/fid_{cfg.features.replace(':', '_')}": fid}
-        if is_mean is not None:
-            metrics.update({"gen/inception_score": is_mean, "gen/inception_score_std": is_std})
-        logger.log_metrics(metrics, step=stats["synthetic"].n)
-        logger.log_dict(result, "evaluate_synthesis.json")
+        log_run(run.logger, cfg, result)
     if run:
         result["mlflow_run_id"] = run.run_id
     print(f"[evaluate-synthesis] FID {fid:.4f} ({cfg.features}, {stats['synthetic'].n} synthetic vs "
           f"{stats['real'].n} real)" + (f", IS {is_mean:.4f} ± {is_std:.4f}" if is_mean is not None else ", IS n/a"),
           flush=True)
     return result
+
+
+def featurise(cfg: EvaluateSynthesisConfig, ds, total: int) -> tuple[dict, ISAccumulator, bool | None]:
+    """Feature statistics of both sets from the actors' batches -> ({"synthetic", "real":
+    RunningStats}, Inception Score accumulator, whether the extractor gives class probabilities)."""
+    stats = {"synthetic": RunningStats(), "real": RunningStats()}
+    is_acc, has_probs = ISAccumulator(cfg.is_splits), None
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for which in ("synthetic", "real"):
+            sel = batch["set"] == which
+            if not sel.any():
+                continue
+            stats[which].update(batch["features"][sel])
+            if which == "synthetic":
+                probs = batch["probs"][sel]
+                has_probs = probs.shape[1] > 1
+                if has_probs:
+                    split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
+                    is_acc.update(probs, split)
+        done = stats["synthetic"].n + stats["real"].n
+        print(f"[evaluate-synthesis] {done}/{total} images featurised ({cfg.features})", flush=True)
+    return stats, is_acc, has_probs
+
+
+def log_run(logger, cfg: EvaluateSynthesisConfig, result: dict) -> None:
+    """The job's MLflow logging: synthesis/ metrics (FID, IS) and the result (`logger`: the job
+    run's tracking.RunLogger, which does nothing when tracking is off)."""
+    metrics = {f"synthesis/fid_{cfg.features.replace(':', '_')}": result["fid"]}
+    if result["inception_score"] is not None:
+        metrics.update({"synthesis/inception_score": result["inception_score"],
+                        "synthesis/inception_score_std": result["inception_score_std"]})
+    logger.log_metrics(metrics, step=result["counts"]["synthetic"])
+    logger.log_dict(result, "evaluate_synthesis.json")

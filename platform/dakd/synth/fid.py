@@ -22,13 +22,13 @@ None):
 from __future__ import annotations
 
 import importlib
-import io
 
 import numpy as np
 
 from dakd import storage
 from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError
+from dakd.weights import read_state_dict
 
 INCEPTION_SIZE = 299
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,7 +136,6 @@ def pixel_features(images: np.ndarray, size: int = 8) -> np.ndarray:
 def load_inception(weights: str | None):
     """torchvision InceptionV3 in eval mode with the weights of `weights` (a .safetensors or
     torch state-dict file, path or URI); ConfigError when it is not set, absent or wrong."""
-    import torch
     from torchvision.models import inception_v3
 
     if not weights:
@@ -146,16 +145,7 @@ def load_inception(weights: str | None):
     if not storage.exists(weights):
         raise ConfigError(f"inception_weights: {weights}: file not found (expected InceptionV3 weights in "
                           "torchvision's layout, .pth or .safetensors)")
-    data = storage.read_bytes(weights)
-    try:
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
-
-            state = load_safetensors(data)
-        else:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad file
-        raise ConfigError(f"inception_weights: {weights}: cannot be read as weights ({type(exc).__name__}: {exc})") from None
+    state = read_state_dict(weights, "inception_weights:")
     model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     try:
         model.load_state_dict(state)

@@ -25,84 +25,36 @@ identical, the new ids are appended) and writes the new ranges; nothing else is 
 Shrinking N is refused (the output would hold ids >= N). An output made by another teacher
 or config (different identity) is refused unless ``overwrite``.
 
-Fault drills (tests, ops rehearsals; read in the driver, acted on in the actors):
-``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges (the job fails,
-finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
-samples range k dies (``os._exit``) once, after half of it is sampled and before it is
-written (the marker file records that it did); Ray restarts the actor and retries the call.
+Modules: synth.plan (ranges, what the output already holds), synth.actor (the Ray Data
+actor that samples and writes a range), this module (the driver: teacher checks, the
+actor pool, the manifest, MLflow). Fault drills for tests and rehearsals: dakd.drills.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from dakd import __version__, storage
+from dakd import __version__, drills, storage
 from dakd.config import SynthesizeConfig, dump_config
 from dakd.data import shards
 from dakd.data.classes import ClassTable, class_table_from_dict
-from dakd.data.transforms import NORMALIZATION, denormalize_image
-from dakd.errors import ConfigError, DakdError, DataError, StorageError
-from dakd.seeds import sample_seed
+from dakd.data.transforms import NORMALIZATION
+from dakd.errors import ConfigError, DakdError, DataError, StorageError, SynthesisError
+from dakd.synth.plan import check_output, plan_ranges
 
 log = logging.getLogger(__name__)
 
-SPLIT = "train"
-FOOTER_KEY = b"dakd.synth"
 CONTACT_SHEET = "contact_sheet.png"
-_PART = re.compile(r"part-(\d+)\.parquet$")
-
-
-class SynthesisError(DakdError):
-    """The synthesis job failed (an actor error); finished ranges are kept for a re-run."""
-
-
-# ---------------------------------------------------------------- planning
-MAX_RANGES = 2_000_000  # objects one synthetic set may hold (the manifest lists each)
-
-
-class RangePlan(Sequence):
-    """The ranges (k, start, stop) of `count` ids in ranges of `rows_per_file`, computed on
-    demand (range k = ids [k*R, min((k+1)*R, count))): nothing is built up front."""
-
-    def __init__(self, count: int, rows_per_file: int):
-        self.count, self.rows = int(count), int(rows_per_file)
-
-    def __len__(self) -> int:
-        return -(-self.count // self.rows)
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        if not -len(self) <= k < len(self):
-            raise IndexError(k)
-        k = k % len(self)
-        return (k, k * self.rows, min((k + 1) * self.rows, self.count))
-
-
-def plan_ranges(count: int, rows_per_file: int) -> RangePlan:
-    """The ranges of `count` ids (lazy); ConfigError at once when count is out of bounds or
-    would need more than MAX_RANGES objects."""
-    if count < 1:
-        raise ConfigError(f"count: expected >= 1, got {count}")
-    plan = RangePlan(count, rows_per_file)
-    if len(plan) > MAX_RANGES:
-        raise ConfigError(f"count {count} with rows_per_file {rows_per_file} needs {len(plan)} objects, more than "
-                          f"{MAX_RANGES}; raise rows_per_file or lower count")
-    return plan
 
 
 def teacher_info(cfg: SynthesizeConfig) -> dict:
     """Resolve and check the teacher without loading it: location, state, hash, identity."""
-    from dakd.train import checkpoint as ckpt_io
-    from dakd.train.jointnet import load_teacher, resolve_checkpoint
+    from dakd import checkpoints as ckpt_io
+    from dakd.checkpoints import load_teacher, resolve_checkpoint
 
     try:
         location = resolve_checkpoint(cfg.teacher)
@@ -146,204 +98,17 @@ def check_real_classes(real: str, classes: ClassTable) -> None:
                               f"generates {classes.num_classes} {list(classes.names)}; use a teacher trained on this data")
 
 
-def read_footer(uri: str) -> tuple[int, dict | None]:
-    """(rows, dakd.synth footer metadata or None) of a shard object, reading only its footer."""
-    import pyarrow.parquet as pq
-
-    loc = storage.resolve(uri)
-    try:
-        with loc.fs.open_input_file(loc.path) as f:
-            meta = pq.read_metadata(f)
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot read its Parquet footer ({type(exc).__name__}: {exc})") from exc
-    raw = (meta.metadata or {}).get(FOOTER_KEY)
-    return meta.num_rows, (json.loads(raw) if raw else None)
-
-
-def scan_existing(output: str) -> dict[int, dict]:
-    """{range k: {"uri", "rows", "meta"}} of the part objects already under output/data/train."""
-    found = {}
-    for uri in storage.list_files(storage.join_uri(output, "data", SPLIT)):
-        m = _PART.search(uri)
-        if m and uri.endswith(shards.shard_name(SPLIT, int(m.group(1)))):
-            found[int(m.group(1))] = uri
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        footers = dict(zip(found, pool.map(read_footer, found.values())))
-    return {k: {"uri": found[k], "rows": footers[k][0], "meta": footers[k][1]} for k in sorted(found)}
-
-
-def _refuse_other(output: str, what: str) -> None:
-    raise DataError(output, f"{what}; pass --overwrite to replace it, or choose another output")
-
-
-def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bool) -> tuple[list[tuple], dict]:
-    """Refuse or clear a foreign output; returns (ranges to write, existing ranges kept)."""
-    manifest = shards.read_manifest(output)
-    other_files = [u for u in storage.list_files(storage.join_uri(output, "data"))
-                   if not u.startswith(storage.join_uri(output, "data", SPLIT) + "/")]
-    existing = scan_existing(output)
-    foreign = None
-    if manifest is not None and (manifest.get("kind") != "synthetic" or manifest.get("identity") != identity):
-        foreign = ("holds a shard set of another kind" if manifest.get("kind") != "synthetic" else
-                   "holds a synthetic set of another teacher or config (identity "
-                   + ", ".join(f"{k}={manifest.get('identity', {}).get(k)!r}" for k in identity
-                               if manifest.get("identity", {}).get(k) != identity[k]) + ")")
-    elif other_files:
-        foreign = f"holds shards of other splits ({other_files[0]})"
-    else:
-        bad = [k for k, e in existing.items() if (e["meta"] or {}).get("identity") != identity]
-        if bad:
-            foreign = (f"holds objects of another teacher or config ({existing[bad[0]]['uri']}); "
-                       "a synthetic set never mixes them")
-    if foreign:
-        if not overwrite:
-            _refuse_other(output, foreign)
-        log.info("overwrite: removing the shard set at %s", output)
-        shards.remove_manifest(output)  # first: a failure below never leaves a stale "complete" set
-        # only what dakd wrote: the files the old manifest lists and this job's own part objects
-        # (those with a dakd footer); anything else under data/ (a user's file) stays
-        ours = [shards.shard_name(SPLIT, k) for k, e in existing.items() if e["meta"] is not None]
-        shards.remove_listed(output, (shards.listed_files(manifest) if manifest else []) + ours)
-        existing = {}
-    planned = {k: stop - start for k, start, stop in ranges}
-    too_many = [k for k, e in existing.items() if k not in planned or e["rows"] > planned[k]]
-    if too_many:
-        k = too_many[0]
-        held = existing[k]["meta"]["stop"] if existing[k]["meta"] else "?"
-        raise DataError(output, f"already holds sample ids up to {int(held) - 1} ({existing[k]['uri']}), more than "
-                                f"count {sum(planned.values())}; shrinking a synthetic set is refused (use --overwrite "
-                                "or another output)")
-    done = {k: e for k, e in existing.items() if e["rows"] == planned[k]}
-    todo = [r for r in ranges if r[0] not in done]
-    return todo, done
-
-
-# ---------------------------------------------------------------- generation (actor side)
-def batches(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
-    """The network batches that cover ids [start, stop): [(m*B, (m+1)*B)] for every m with
-    an id in the range. Batch m is always the same B ids (ids outside the range are
-    generated and dropped), so sample i depends only on (seed, i, B) and the hardware, not
-    on the count, rows_per_file or the range it falls in."""
-    return [(m * batch_size, (m + 1) * batch_size) for m in range(start // batch_size, (stop - 1) // batch_size + 1)]
-
-
-def generate(model, identity: dict, ids: list[int], device, after_batch=None) -> dict:
-    """Samples of the contiguous `ids` -> {"image" (n, H, W) uint8, "mask" (n, H, W) uint8,
-    "logits" (n, C, H, W) float32, "seed" [n], "nfe" per sample}, in the fixed batches of
-    `batches(ids[0], ids[-1] + 1, identity["batch_size"])` (exact: batches of one).
-    after_batch(samples done): called after each batch (the fault drill hooks in there)."""
-    from dakd.diffusion.samplers import sample
-
-    start, stop = ids[0], ids[-1] + 1
-    if list(ids) != list(range(start, stop)):
-        raise ValueError("generate: ids must be contiguous")
-    step = 1 if identity["exact"] else int(identity["batch_size"])
-    images, masks, logits, nfe, done = [], [], [], 0, 0
-    for lo, hi in batches(start, stop, step):
-        out = sample(model, sampler=identity["sampler"], steps=identity["steps"], b=identity["b"],
-                     seeds=[sample_seed(identity["seed"], i) for i in range(lo, hi)], height=identity["size"],
-                     width=identity["size"], device=device, num_classes=identity["num_classes"],
-                     num_train_timesteps=identity["num_train_timesteps"], label_loss=identity["label_loss"])
-        keep = slice(max(start, lo) - lo, min(stop, hi) - lo)
-        images.append(denormalize_image(out.images[keep, 0]).cpu().numpy())
-        masks.append(out.masks[keep].cpu().numpy())
-        logits.append(out.logits[keep].cpu().numpy())
-        nfe = out.nfe
-        done += keep.stop - keep.start
-        if after_batch is not None:
-            after_batch(done)
-    return {"image": np.concatenate(images), "mask": np.concatenate(masks), "logits": np.concatenate(logits),
-            "seed": [sample_seed(identity["seed"], i) for i in ids], "nfe": nfe}
-
-
-def range_table(ids: list[int], gen: dict, identity: dict, teacher_location: str, footer: dict):
-    """Generated samples of one range -> a SYNTH_SCHEMA table with the footer metadata."""
-    size = identity["size"]
-    records = [{
-        "id": str(i), "split": SPLIT, "source": "synthetic", "sensor": None, "height": size, "width": size,
-        "image": gen["image"][n], "mask": gen["mask"][n], "off_palette_pixels": 0, "index": i,
-        "seed": gen["seed"][n], "logits": gen["logits"][n].astype(np.float16), "num_classes": identity["num_classes"],
-        "teacher_checkpoint": teacher_location, "teacher_hash": identity["teacher_hash"], "b": identity["b"],
-        "sampler": identity["sampler"], "steps": identity["steps"], "code_version": __version__,
-    } for n, i in enumerate(ids)]
-    table = shards.records_to_table(records, shards.SYNTH_SCHEMA)
-    return table.replace_schema_metadata({**(table.schema.metadata or {}), FOOTER_KEY: json.dumps(footer).encode()})
-
-
-class SynthActor:
-    """Ray Data actor: loads the teacher once, then writes each range it is handed.
-
-    Input batch: {"k", "start", "stop"} arrays (one row per range); output: {"k", "stats"
-    (JSON: path, rows, bytes, class_pixels, seconds, nfe)}."""
-
-    def __init__(self, job: dict):
-        import torch
-
-        from dakd.inference import describe_device, inference_device, precision_name, prepare_model
-        from dakd.train.jointnet import load_teacher
-
-        torch.set_num_threads(int(job["torch_threads"]))
-        self.job = job
-        self.device = inference_device(job["gpus_per_actor"])
-        model, _ = load_teacher(job["teacher_location"], ema=job["identity"]["weights"] == "ema")
-        self.model = prepare_model(model, self.device, compile=job.get("compile", False))
-        # provenance: a re-run of a range writes the same samples on the same hardware
-        self.hardware = {"device": describe_device(self.device), "precision": precision_name(self.device),
-                         "torch": torch.__version__, "torch_threads": int(job["torch_threads"])}
-        self.written = 0
-
-    def _drill_die(self, k: int) -> None:
-        spec = self.job.get("die_at_range")
-        if spec:
-            at, marker = spec.split(":", 1)
-            if int(at) == k and not os.path.exists(marker):
-                with open(marker, "w") as f:
-                    f.write(f"actor pid {os.getpid()} died in range {k}\n")
-                os._exit(1)
-
-    def __call__(self, batch: dict) -> dict:
-        job, identity = self.job, self.job["identity"]
-        out_k, out_stats = [], []
-        for k, start, stop in zip(batch["k"], batch["start"], batch["stop"]):
-            k, start, stop = int(k), int(start), int(stop)
-            t0, started_at = time.perf_counter(), time.time()
-            ids = list(range(start, stop))
-
-            def after_batch(done: int, k=k, half=len(ids) // 2) -> None:
-                if done >= max(half, 1):
-                    self._drill_die(k)  # drill: die once half the range is sampled, before anything is written
-
-            gen = generate(self.model, identity, ids, self.device, after_batch)
-            nc = identity["num_classes"]
-            class_pixels = np.bincount(gen["mask"].ravel(), minlength=nc)[:nc].tolist()
-            seconds = time.perf_counter() - t0
-            footer = {"range": k, "start": start, "stop": stop, "identity": identity, "class_pixels": class_pixels,
-                      "seconds": seconds, "nfe_per_sample": gen["nfe"], "code_version": __version__,
-                      "hardware": self.hardware}
-            name = shards.shard_name(SPLIT, k)
-            size = shards.write_table(storage.join_uri(job["output"], name),
-                                      range_table(ids, gen, identity, job["teacher_location"], footer))
-            self.written += 1
-            out_k.append(k)
-            out_stats.append(json.dumps({"path": name, "rows": len(ids), "bytes": size, "started_at": started_at,
-                                         "finished_at": time.time(), **footer}))
-            if job.get("fail_after_ranges") is not None and self.written >= int(job["fail_after_ranges"]):
-                raise RuntimeError(f"drill: DAKD_SYNTH_FAIL_AFTER_RANGES={job['fail_after_ranges']} "
-                                   f"(failed after writing {name})")
-        return {"k": np.asarray(out_k, dtype=np.int64), "stats": np.asarray(out_stats, dtype=object)}
-
-
 # ---------------------------------------------------------------- contact sheet
 def contact_sheet(output: str, files: list[dict], classes: ClassTable, count: int, columns: int = 8) -> np.ndarray | None:
     """The first `count` samples as tiles [image | coloured mask], `columns` tiles per row ->
     (rows*H, columns*2W, 3) uint8 (None when count is 0)."""
-    from dakd.tracking import sample_grid
+    from dakd.eval.figures import sample_grid
 
     images, masks = [], []
     for f in files:
         if len(images) >= count:
             break
-        table = shards.read_table(storage.join_uri(output, f["path"]), columns=["height", "width", "image", "mask"])
+        table = shards.read_table(storage.join_uri(output, f["path"]), columns=shards.PAIR_COLUMNS)
         for row in table.to_pylist():
             rec = shards.row_to_record(row)
             images.append(rec["image"])
@@ -364,14 +129,6 @@ def contact_sheet(output: str, files: list[dict], classes: ClassTable, count: in
 
 
 # ---------------------------------------------------------------- driver
-def _drill_env() -> dict:
-    fail = os.environ.get("DAKD_SYNTH_FAIL_AFTER_RANGES")
-    die = os.environ.get("DAKD_SYNTH_DIE_AT_RANGE")
-    if die and not re.fullmatch(r"\d+:.+", die):
-        raise ConfigError(f"DAKD_SYNTH_DIE_AT_RANGE={die!r}: expected k:/path/to/marker")
-    return {"fail_after_ranges": int(fail) if fail else None, "die_at_range": die or None}
-
-
 def run_ranges(cfg: SynthesizeConfig, todo: list[tuple], job: dict, total: int, done_rows: int) -> tuple[list[dict], dict]:
     """Write the `todo` ranges with a Ray Data actor pool; prints progress; returns (stats per
     range, timing {seconds, steady_samples_per_s})."""
@@ -380,8 +137,9 @@ def run_ranges(cfg: SynthesizeConfig, todo: list[tuple], job: dict, total: int, 
     ray = init_ray(cfg.ray)
     items = [{"k": k, "start": s, "stop": e} for k, s, e in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    actor, kwargs = drills.synth_actor(job)  # SynthActor, unless a drill is set
     ds = ds.map_batches(
-        SynthActor, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy",
+        actor, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors_min, max_size=cfg.actors_max),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: an actor
@@ -420,13 +178,8 @@ def run_synthesize(cfg: SynthesizeConfig) -> dict:
         return _synthesize(cfg)
 
 
-def _synthesize(cfg: SynthesizeConfig) -> dict:
-    from dakd import tracking
-    from dakd.tracking import png_bytes
-
-    t_start = time.perf_counter()
-    info = teacher_info(cfg)
-    classes, identity = info["classes"], info["identity"]
+def prepare_output(cfg: SynthesizeConfig, identity: dict, classes: ClassTable) -> tuple[list, list[tuple], dict]:
+    """Check the real set's classes and the output; plan the ranges -> (ranges, to write, kept)."""
     if cfg.real:
         check_real_classes(cfg.real, classes)
     output = cfg.output
@@ -440,12 +193,22 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     if not cfg.exact and cfg.rows_per_file % cfg.batch_size:
         log.warning("rows_per_file %d is not a multiple of batch_size %d: the batches that straddle two ranges are "
                     "generated by both (wasted work)", cfg.rows_per_file, cfg.batch_size)
+    return ranges, todo, kept
 
+
+def _synthesize(cfg: SynthesizeConfig) -> dict:
+    from dakd import tracking
+    from dakd.eval.figures import png_bytes
+
+    t_start = time.perf_counter()
+    info = teacher_info(cfg)
+    classes, identity, output = info["classes"], info["identity"], cfg.output
+    ranges, todo, kept = prepare_output(cfg, identity, classes)
     uri = tracking.tracking_uri(cfg.tracking, output)  # fail fast, before any compute
 
     job = {"output": output, "teacher_location": info["location"], "identity": identity,
            "torch_threads": cfg.torch_threads, "gpus_per_actor": cfg.gpus_per_actor, "compile": cfg.compile,
-           **_drill_env()}
+           "drills": drills.synth_drills()}
     timing = {"seconds": 0.0, "samples_per_s": None, "steady_samples_per_s": None}
     new_stats: list[dict] = []
     if todo:
@@ -453,33 +216,36 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
         done_rows = sum(stop - start for k, start, stop in ranges if k in kept)
         new_stats, timing = run_ranges(cfg, todo, job, cfg.count, done_rows)
 
-    # every range: from this run's stats or the kept objects' footers
-    by_k = {k: {"path": shards.shard_name(SPLIT, k), "rows": e["rows"], **e["meta"]} for k, e in kept.items()}
-    by_k.update({s["range"]: s for s in new_stats})
-    missing = [k for k, _, _ in ranges if k not in by_k]
-    if missing:
-        raise SynthesisError(f"ranges {missing[:5]} were not written; re-run the same command")
-    hardware = [json.loads(h) for h in sorted({json.dumps(s.get("hardware"), sort_keys=True)
-                                               for s in by_k.values() if s.get("hardware")})]
-    files, class_pixels, nfe = [], np.zeros(classes.num_classes, np.int64), None
-    for k, start, stop in ranges:
-        s = by_k[k]
-        if s["rows"] != stop - start or (s["start"], s["stop"]) != (start, stop):
-            raise SynthesisError(f"{s['path']}: holds ids {s['start']}..{s['stop'] - 1}, expected {start}..{stop - 1}")
-        bytes_ = s.get("bytes")
-        if bytes_ is None:
-            loc = storage.resolve(storage.join_uri(output, s["path"]))
-            bytes_ = loc.fs.get_file_info(loc.path).size
-        files.append({"path": s["path"], "rows": s["rows"], "bytes": bytes_, "ids": [start, stop - 1]})
-        class_pixels += np.asarray(s["class_pixels"], dtype=np.int64)
-        nfe = s.get("nfe_per_sample", nfe)
-    total_px = int(class_pixels.sum()) or 1
-
+    files, class_pixels, nfe, hardware = collect_ranges(output, ranges, kept, new_stats, classes.num_classes)
     sheet = contact_sheet(output, files, classes, cfg.contact_sheet_count)
     if sheet is not None:
         storage.write_bytes(storage.join_uri(output, CONTACT_SHEET), png_bytes(sheet))
     generated = sum(s["rows"] for s in new_stats)
-    manifest = {
+    last_run = {"generated": generated, "ranges_written": len(new_stats), "ranges_kept": len(kept), **timing}
+    manifest = build_manifest(cfg, info, files, class_pixels, nfe, hardware, sheet is not None, last_run)
+    shards.write_manifest(output, manifest)
+    with tracking.job_run(cfg.tracking, uri=uri, job="synthesize", run_key=f"synthesize:{output}",
+                          run_name="synthesize", params=dump_config(cfg),
+                          tags={"dakd.teacher_hash": identity["teacher_hash"]}) as run:
+        log_run(run.logger, cfg, manifest, sheet, generated, timing)
+    print(f"[synthesize] done: {cfg.count} samples in {len(files)} shards ({generated} generated this run, "
+          f"{len(kept)} ranges kept) -> {output}", flush=True)
+    return {"job": "synthesize", "output": output, "count": cfg.count, "files": len(files),
+            "generated": generated, "ranges_written": sorted(s["range"] for s in new_stats),
+            "ranges_kept": sorted(kept), "samples_per_s": timing["samples_per_s"],
+            "steady_samples_per_s": timing["steady_samples_per_s"], "nfe_per_sample": nfe,
+            "teacher": info["location"], "teacher_hash": identity["teacher_hash"],
+            "class_share": manifest["splits"][shards.SYNTHETIC_SPLIT]["class_share"], "classes": list(classes.names),
+            "contact_sheet": storage.join_uri(output, CONTACT_SHEET) if sheet is not None else None,
+            "mlflow_run_id": run.run_id, "seconds": time.perf_counter() - t_start}
+
+
+def build_manifest(cfg: SynthesizeConfig, info: dict, files: list[dict], class_pixels: np.ndarray, nfe, hardware: list,
+                   has_sheet: bool, last_run: dict) -> dict:
+    """The synthetic set's manifest (kind "synthetic"), written last."""
+    identity, classes = info["identity"], info["classes"]
+    total_px = int(class_pixels.sum()) or 1
+    return {
         "kind": "synthetic",
         "created_by": f"dakd {__version__} synthesize",
         "teacher": {"checkpoint": info["location"], "hash": identity["teacher_hash"], "weights": identity["weights"],
@@ -493,32 +259,45 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
         "normalization": NORMALIZATION,
         "image": "uint8 H×W = denormalize_image(x0) (exact inverse of the normalisation above)",
         "logits": "float16 C×H×W, the teacher's last Label-Net output; mask = argmax of the float32 logits",
-        "splits": {SPLIT: {"count": cfg.count, "files": files, "class_pixels": class_pixels.tolist(),
+        "splits": {shards.SYNTHETIC_SPLIT: {"count": cfg.count, "files": files, "class_pixels": class_pixels.tolist(),
                            "class_share": (class_pixels / total_px).tolist()}},
         "image_sizes": {f"{identity['size']}x{identity['size']}": cfg.count},
-        "contact_sheet": CONTACT_SHEET if sheet is not None else None,
-        "last_run": {"generated": generated, "ranges_written": len(new_stats), "ranges_kept": len(kept),
-                     **timing},
+        "contact_sheet": CONTACT_SHEET if has_sheet else None,
+        "last_run": last_run,
     }
-    shards.write_manifest(output, manifest)
 
-    with tracking.job_run(cfg.tracking, uri=uri, job="synthesize", run_key=f"synthesize:{output}",
-                          run_name="synthesize", params=dump_config(cfg),
-                          tags={"dakd.teacher_hash": identity["teacher_hash"]}) as run:
-        logger = run.logger  # does nothing when tracking is off
-        metrics = {"synth/count": cfg.count, "synth/generated": generated}
-        metrics.update({f"synth/{k}": v for k, v in timing.items() if v is not None})
-        logger.log_metrics(metrics, step=cfg.count)
-        if sheet is not None:
-            logger.log_image(sheet, CONTACT_SHEET)
-        logger.log_dict(manifest, "manifest.json")
-    print(f"[synthesize] done: {cfg.count} samples in {len(files)} shards ({generated} generated this run, "
-          f"{len(kept)} ranges kept) -> {output}", flush=True)
-    return {"job": "synthesize", "output": output, "count": cfg.count, "files": len(files),
-            "generated": generated, "ranges_written": sorted(s["range"] for s in new_stats),
-            "ranges_kept": sorted(kept), "samples_per_s": timing["samples_per_s"],
-            "steady_samples_per_s": timing["steady_samples_per_s"], "nfe_per_sample": nfe,
-            "teacher": info["location"], "teacher_hash": identity["teacher_hash"],
-            "class_share": manifest["splits"][SPLIT]["class_share"], "classes": list(classes.names),
-            "contact_sheet": storage.join_uri(output, CONTACT_SHEET) if sheet is not None else None,
-            "mlflow_run_id": run.run_id, "seconds": time.perf_counter() - t_start}
+
+def collect_ranges(output: str, ranges, kept: dict, new_stats: list[dict], num_classes: int):
+    """Every range's stats (this run's, or a kept object's footer), checked against the plan ->
+    (manifest file entries, class pixel counts, NFE per sample, distinct hardware)."""
+    by_k = {k: {"path": shards.shard_name(shards.SYNTHETIC_SPLIT, k), "rows": e["rows"], **e["meta"]} for k, e in kept.items()}
+    by_k.update({s["range"]: s for s in new_stats})
+    missing = [k for k, _, _ in ranges if k not in by_k]
+    if missing:
+        raise SynthesisError(f"ranges {missing[:5]} were not written; re-run the same command")
+    hardware = [json.loads(h) for h in sorted({json.dumps(s.get("hardware"), sort_keys=True)
+                                               for s in by_k.values() if s.get("hardware")})]
+    files, class_pixels, nfe = [], np.zeros(num_classes, np.int64), None
+    for k, start, stop in ranges:
+        s = by_k[k]
+        if s["rows"] != stop - start or (s["start"], s["stop"]) != (start, stop):
+            raise SynthesisError(f"{s['path']}: holds ids {s['start']}..{s['stop'] - 1}, expected {start}..{stop - 1}")
+        bytes_ = s.get("bytes")
+        if bytes_ is None:
+            loc = storage.resolve(storage.join_uri(output, s["path"]))
+            bytes_ = loc.fs.get_file_info(loc.path).size
+        files.append({"path": s["path"], "rows": s["rows"], "bytes": bytes_, "ids": [start, stop - 1]})
+        class_pixels += np.asarray(s["class_pixels"], dtype=np.int64)
+        nfe = s.get("nfe_per_sample", nfe)
+    return files, class_pixels, nfe, hardware
+
+
+def log_run(logger, cfg: SynthesizeConfig, manifest: dict, sheet, generated: int, timing: dict) -> None:
+    """The job's MLflow logging: synthesis/ metrics, the contact sheet, the manifest (`logger`:
+    the job run's tracking.RunLogger, which does nothing when tracking is off)."""
+    metrics = {"synthesis/count": cfg.count, "synthesis/generated": generated}
+    metrics.update({f"synthesis/{k}": v for k, v in timing.items() if v is not None})
+    logger.log_metrics(metrics, step=cfg.count)
+    if sheet is not None:
+        logger.log_image(sheet, CONTACT_SHEET)
+    logger.log_dict(manifest, "manifest.json")

@@ -15,7 +15,7 @@ import numpy as np
 
 from dakd import storage
 from dakd.data.mosaic import random_crop_flip
-from dakd.data.shards import ShardSet
+from dakd.data.shards import PAIR_COLUMNS, ShardSet, decode_plane
 from dakd.data.transforms import normalize_image
 
 
@@ -43,8 +43,7 @@ def crop_flip_batch(batch: dict, crop_size: int) -> dict:
     images, masks = [], []
     order = rng.permutation(len(batch["id"]))
     for sid, h, w, img, msk in zip(*(batch[k][order] for k in ("id", "height", "width", "image", "mask"))):
-        image = np.frombuffer(img, dtype=np.uint8).reshape(int(h), int(w))
-        mask = np.frombuffer(msk, dtype=np.uint8).reshape(int(h), int(w))
+        image, mask = decode_plane(img, h, w), decode_plane(msk, h, w)
         image, mask = random_crop_flip(image, mask, crop_size, rng, str(sid))
         images.append(normalize_image(image)[None])
         masks.append(mask)
@@ -65,7 +64,7 @@ def real_dataset(shard_set: ShardSet, split: str, crop_size: int, cache: bool = 
 
     loc = storage.resolve(shard_set.root)
     paths = [storage.resolve(f).path for f in shard_set.files(split)]
-    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["id", "height", "width", "image", "mask"])
+    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=PAIR_COLUMNS)
     if cache:
         ds = ds.materialize()
     count = shard_set.manifest["splits"][split]["count"]

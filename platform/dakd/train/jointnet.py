@@ -15,19 +15,18 @@ import os
 from dakd import storage
 from dakd.config import TrainJointNetConfig, dump_config
 from dakd.data.shards import open_shard_set
-from dakd.errors import ConfigError, TrainingError
+from dakd.errors import ConfigError
 from dakd.models.jointnet import JointNet, check_arch
 from dakd.progress import current as current_progress, progress_line
-from dakd.train import checkpoint as ckpt_io
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import LATEST, resolve_checkpoint
 from dakd.train.jointnet_runner import (JointNetLoop, StagePlan, build_model, plan_stages, set_trainable,
                                         train_loop_per_worker)
 
-__all__ = ["LATEST", "TrainingError", "StagePlan", "build_model", "plan_stages", "set_trainable", "resolve_b",
-           "resolve_checkpoint", "load_teacher", "run_train_jointnet", "train_loop_per_worker"]
+__all__ = ["StagePlan", "build_model", "plan_stages", "set_trainable", "resolve_b", "run_train_jointnet",
+           "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest.json"
 
 
 def resolve_b(cfg: TrainJointNetConfig, manifest: dict, where: str) -> float:
@@ -38,30 +37,6 @@ def resolve_b(cfg: TrainJointNetConfig, manifest: dict, where: str) -> float:
         raise ConfigError(f"b: not configured and {where} has no balancing factor in its manifest "
                           f"(run `dakd balance --set shards={where}` or set b)")
     return float(bal["b"])
-
-
-def resolve_checkpoint(uri: str) -> str:
-    """A checkpoint location: a checkpoint directory, or a run directory holding latest.json."""
-    if storage.exists(storage.join_uri(uri, ckpt_io.STATE_FILE)):
-        return uri
-    pointer = storage.join_uri(uri, LATEST)
-    if storage.exists(pointer):
-        return json.loads(storage.read_text(pointer))["checkpoint"]
-    raise ConfigError(f"{uri}: no checkpoint here (expected {ckpt_io.STATE_FILE} or {LATEST})")
-
-
-def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
-    """(model in eval mode on CPU, state.json) of a SAR-JointNet checkpoint; EMA weights when present."""
-    location = resolve_checkpoint(uri)
-    state = ckpt_io.read_state(location)
-    if state.get("kind") != "sar-jointnet":
-        raise ConfigError(f"{location}: not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
-    model = JointNet.from_arch(state["arch"])
-    use_ema = ema and storage.exists(storage.join_uri(location, ckpt_io.EMA_FILE))
-    ckpt_io.load_state_into(model, location, ema=use_ema)
-    state["location"] = location
-    state["weights"] = "ema" if use_ema else "model"
-    return model.eval(), state
 
 
 # ---------------------------------------------------------------- driver

@@ -23,7 +23,7 @@ from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_tim
 from dakd.errors import DakdError
 from dakd.models.jointnet import JointNet, check_arch
 from dakd.seeds import sample_seed
-from dakd.train import checkpoint as ckpt_io
+from dakd import checkpoints as ckpt_io
 from dakd.train.ema import EMA
 from dakd.train.runner import LoopConfig, TrainLoopRunner
 
@@ -201,7 +201,7 @@ class JointNetRunner(TrainLoopRunner):
 
     def log_samples(self) -> None:
         """Rank 0: a grid of samples from the (EMA) model, logged to MLflow."""
-        from dakd.tracking import sample_grid
+        from dakd.eval.figures import sample_grid
 
         cfg, net = self.cfg, copy.deepcopy(self.model)
         if self.ema is not None:

@@ -31,7 +31,7 @@ from dakd.data.classes import class_table_from_dict
 from dakd.errors import TrainingError
 from dakd.progress import report as report_progress
 from dakd.seeds import worker_seed
-from dakd.train import checkpoint as ckpt_io
+from dakd import checkpoints as ckpt_io
 
 NONFINITE = "nonfinite.json"  # written by rank 0 when a loss or gradient is not finite
 

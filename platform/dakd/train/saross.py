@@ -27,57 +27,17 @@ import numpy as np
 import torch
 
 from dakd import storage
-from dakd.config import TEST_SPLIT, SarossModelConfig, TrainSarossConfig, dump_config
+from dakd.config import TEST_SPLIT, TrainSarossConfig, dump_config
 from dakd.data.shards import open_shard_set
 from dakd.errors import ConfigError, DataError, TrainingError
 from dakd.progress import current as current_progress, progress_line
-from dakd.models.saross import SAROSSNet
-from dakd.train import checkpoint as ckpt_io
-from dakd.train.jointnet import LATEST, resolve_checkpoint
+from dakd import checkpoints as ckpt_io
+from dakd.checkpoints import BEST, LATEST, STUDENT_KIND as KIND, load_student
+from dakd.models.saross import arch_dict, build_student
 from dakd.train.losses import segmentation_loss
 from dakd.train.runner import LoopConfig, TrainLoopRunner, fit, make_trainer
 
 log = logging.getLogger(__name__)
-
-KIND = "sar-oss-net"
-BEST = "best.json"
-IN_CHANS = 1
-
-
-def build_student(model: SarossModelConfig | dict, num_classes: int, in_chans: int = IN_CHANS,
-                  pretrained: bool = True) -> SAROSSNet:
-    """SAROSS-Net from its model config (or the `arch` dict of a checkpoint)."""
-    m = model if isinstance(model, SarossModelConfig) else SarossModelConfig.model_validate(
-        {k: v for k, v in model.items() if k in SarossModelConfig.model_fields})
-    return SAROSSNet(encoder_name=m.encoder, num_classes=num_classes, in_chans=in_chans,
-                     pretrained=m.pretrained if pretrained else None, decoder_channels=tuple(m.decoder_channels),
-                     skip_module=m.skip_module, caft_heads=m.caft_heads)
-
-
-def arch_dict(model: SarossModelConfig, num_classes: int, in_chans: int = IN_CHANS) -> dict:
-    return {**model.model_dump(mode="json"), "num_classes": num_classes, "in_chans": in_chans}
-
-
-def resolve_student_checkpoint(uri: str) -> str:
-    """A checkpoint directory, or a run directory: its best.json, else its latest.json."""
-    pointer = storage.join_uri(uri, BEST)
-    if not storage.exists(storage.join_uri(uri, ckpt_io.STATE_FILE)) and storage.exists(pointer):
-        return json.loads(storage.read_text(pointer))["checkpoint"]
-    return resolve_checkpoint(uri)
-
-
-def load_student(uri: str) -> tuple[SAROSSNet, dict]:
-    """(SAROSS-Net in eval mode on CPU, state.json + "location") of a checkpoint or run dir."""
-    location = resolve_student_checkpoint(uri)
-    state = ckpt_io.read_state(location)
-    if state.get("kind") != KIND:
-        raise ConfigError(f"{location}: not a SAROSS-Net checkpoint (kind {state.get('kind')!r}, expected {KIND!r})")
-    arch = state["arch"]
-    model = build_student(arch, arch["num_classes"], arch["in_chans"], pretrained=False)
-    ckpt_io.load_state_into(model, location)
-    state["location"] = location
-    return model.eval(), state
-
 
 # ---------------------------------------------------------------- per-worker loop
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +144,8 @@ class SarossRunner(TrainLoopRunner):
         workers; adds the val/ metrics, updates the best epoch; returns rank 0's overlay panels."""
         import torch.distributed as dist
 
-        from dakd.eval.evaluate import overlay_panel, segment
+        from dakd.eval.figures import overlay_panel
+        from dakd.inference import segment
         from dakd.eval.metrics import confusion_matrix, segmentation_metrics
 
         c = self.classes.num_classes

@@ -31,11 +31,10 @@ import pyarrow.parquet as pq
 
 from dakd import storage
 from dakd.data.mosaic import mosaic, random_crop_flip
-from dakd.data.shards import ShardSet, open_shard_set
+from dakd.data.shards import SOFT_COLUMNS, SYNTHETIC_SPLIT, ShardSet, decode_logits, decode_plane, open_shard_set
 from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError, DataError
 
-SYNTHETIC_SPLIT = "train"  # `dakd synthesize` writes its samples to this split
 
 
 def _read_columns(uri: str, columns: list[str]):
@@ -119,8 +118,8 @@ def mosaic_batch(batch: dict, crop_size: int, use_mosaic: bool) -> dict:
         tiles_i, tiles_l = [], []
         for i in idx:
             h, w, c = int(batch["height"][i]), int(batch["width"][i]), int(batch["num_classes"][i])
-            tiles_i.append(np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(1, h, w))
-            tiles_l.append(np.frombuffer(batch["logits"][i], dtype=np.float16).reshape(c, h, w))
+            tiles_i.append(decode_plane(batch["image"][i], h, w)[None])
+            tiles_l.append(decode_logits(batch["logits"][i], h, w, c))
         if use_mosaic:
             image, logit = mosaic(np.stack(tiles_i), np.stack(tiles_l))
         else:
@@ -183,7 +182,7 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     loc = storage.resolve(syn_set.root)
     paths = [storage.resolve(f).path for f in syn_set.files(SYNTHETIC_SPLIT)]
     tiles = ray.data.read_parquet(paths, filesystem=loc.fs,
-                                  columns=["id", "height", "width", "num_classes", "image", "logits"])
+                                  columns=SOFT_COLUMNS)
     if cache:
         tiles = tiles.materialize()
     reps = math.ceil(s / per_pass) + (1 if s > per_pass else 0)  # +1: remainders dropped per batch

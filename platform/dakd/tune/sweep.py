@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from dakd import storage
 from dakd.config import ActorPool, TuneConfig, dump_config
-from dakd.errors import ConfigError, DakdError
+from dakd.errors import ConfigError, TuneError
 from dakd.tune.results import (BEST_STUDENT, BEST_TEACHER, PLOT, best_configs, finish_child_runs, plot_metric,
                                summarise, table_csv, table_markdown)
 from dakd.tune.space import SECTIONS, Dimension, param_space, parse_space
@@ -44,8 +44,6 @@ STATE = "sweep.json"
 TUNE_DIR = "tune"
 
 
-class TuneError(DakdError):
-    """The sweep could not produce a result (e.g. every trial failed)."""
 
 
 # ---------------------------------------------------------------- planning

@@ -1,5 +1,8 @@
 """Checkpoints: weights in safetensors (no pickle), optimizer state loadable with
-`torch.load(weights_only=True)`, and a small JSON of provenance.
+`torch.load(weights_only=True)`, and a small JSON of provenance. Saving, verifying,
+resolving (checkpoint directory, run directory with latest.json / best.json) and loading
+teacher (SAR-JointNet) and student (SAROSS-Net) checkpoints: what training, `sample`,
+`synth/`, `eval/` and `predict` share, so none of the latter imports `train/`.
 
 A checkpoint is a directory (local, or a URI read through dakd.storage):
     model.safetensors      model weights
@@ -27,7 +30,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from dakd import __version__, storage
+from dakd.config import TrackingConfig
+from dakd.data.classes import ClassTable, class_table_from_dict
 from dakd.errors import ConfigError, DataError
+from dakd.models.jointnet import JointNet
+from dakd.models.saross import SAROSSNet, build_student
 
 MAX_CHANNELS = 8192  # widest layer any checkpoint may declare
 MAX_CLASSES = 1024
@@ -67,6 +74,10 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+LATEST = "latest.json"  # run directory: pointer to its last checkpoint
+BEST = "best.json"  # train-saross run directory: pointer to its best checkpoint (by val mIoU)
+TEACHER_KIND = "sar-jointnet"
+STUDENT_KIND = "sar-oss-net"
 
 
 def _contiguous(state: dict) -> dict:
@@ -99,12 +110,7 @@ def read_state(location: str) -> dict:
     uri = storage.join_uri(location, STATE_FILE)
     if not storage.exists(uri):
         raise ConfigError(f"{location}: not a dakd checkpoint (no {STATE_FILE})")
-    try:
-        state = json.loads(storage.read_text(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(uri, f"not valid JSON ({exc}); the checkpoint is damaged") from None
-    if not isinstance(state, dict):
-        raise DataError(uri, f"a JSON {type(state).__name__}, expected an object; the checkpoint is damaged")
+    state = storage.read_json_object(uri, damaged="; the checkpoint is damaged")
     try:
         CheckpointState.model_validate(state)
     except ValidationError as exc:
@@ -161,3 +167,81 @@ def weights_hash(location: str, ema: bool = False) -> str:
     """sha256 of the weights file (content identity of a teacher, for provenance); checked
     against the hash recorded in state.json when there is one."""
     return hashlib.sha256(_weights_bytes(location, EMA_FILE if ema else MODEL_FILE)).hexdigest()
+
+
+# ---------------------------------------------------------------- resolve and load models
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint location: a checkpoint directory, or a run directory holding latest.json."""
+    if storage.exists(storage.join_uri(uri, STATE_FILE)):
+        return uri
+    pointer = storage.join_uri(uri, LATEST)
+    if storage.exists(pointer):
+        return json.loads(storage.read_text(pointer))["checkpoint"]
+    raise ConfigError(f"{uri}: no checkpoint here (expected {STATE_FILE} or {LATEST})")
+
+
+def resolve_student_checkpoint(uri: str) -> str:
+    """A checkpoint directory, or a run directory: its best.json, else its latest.json."""
+    pointer = storage.join_uri(uri, BEST)
+    if not storage.exists(storage.join_uri(uri, STATE_FILE)) and storage.exists(pointer):
+        return json.loads(storage.read_text(pointer))["checkpoint"]
+    return resolve_checkpoint(uri)
+
+
+def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
+    """(model in eval mode on CPU, state.json) of a SAR-JointNet checkpoint; EMA weights when present."""
+    location = resolve_checkpoint(uri)
+    state = read_state(location)
+    if state.get("kind") != TEACHER_KIND:
+        raise ConfigError(f"{location}: not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
+    model = JointNet.from_arch(state["arch"])
+    use_ema = ema and storage.exists(storage.join_uri(location, EMA_FILE))
+    load_state_into(model, location, ema=use_ema)
+    state["location"] = location
+    state["weights"] = "ema" if use_ema else "model"
+    return model.eval(), state
+
+
+def load_student(uri: str) -> tuple[SAROSSNet, dict]:
+    """(SAROSS-Net in eval mode on CPU, state.json + "location") of a checkpoint or run dir."""
+    location = resolve_student_checkpoint(uri)
+    state = read_state(location)
+    if state.get("kind") != STUDENT_KIND:
+        raise ConfigError(f"{location}: not a SAROSS-Net checkpoint (kind {state.get('kind')!r}, expected {STUDENT_KIND!r})")
+    arch = state["arch"]
+    model = build_student(arch, arch["num_classes"], arch["in_chans"], pretrained=False)
+    load_state_into(model, location)
+    state["location"] = location
+    return model.eval(), state
+
+
+def load_model(uri: str, tracking: TrackingConfig | None = None) -> tuple[torch.nn.Module, ClassTable, dict]:
+    """A SAROSS-Net (eval mode, CPU) + class table + provenance from a checkpoint directory,
+    a train-saross run directory (its best checkpoint), or an MLflow `models:/<name>/<version>` URI.
+    An MLflow model is loaded from the safetensors checkpoint logged beside it, never unpickled."""
+    if str(uri).startswith("models:/") or str(uri).startswith("runs:/"):
+        import mlflow
+
+        if tracking is not None:
+            from dakd import tracking as trk
+
+            mlflow.set_tracking_uri(tracking.uri or trk.resolve_tracking_uri(None, "."))
+        try:
+            meta = mlflow.models.get_model_info(uri).metadata or {}
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+            raise ConfigError(f"model {uri}: cannot be loaded from MLflow ({type(exc).__name__}: {str(exc)[:300]})") from exc
+        if "dakd_checkpoint_artifacts" not in meta:
+            raise ConfigError(f"model {uri}: not a dakd SAROSS-Net model (no dakd_checkpoint_artifacts in its metadata)")
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=meta["dakd_checkpoint_artifacts"])
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"model {uri}: its checkpoint {meta['dakd_checkpoint_artifacts']} cannot be downloaded "
+                              f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+        model, state = load_student(local)
+        return model, class_table_from_dict(state["classes"]), {"model": uri, "arch": state["arch"],
+                                                                "selected_on": state.get("val", {}).get("split")}
+
+    model, state = load_student(uri)
+    return model, class_table_from_dict(state["classes"]), {"model": state["location"], "arch": state["arch"],
+                                                            "epoch": state.get("epoch"),
+                                                            "selected_on": state.get("val", {}).get("split")}

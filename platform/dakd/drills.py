@@ -1,0 +1,80 @@
+"""Fault drills: tests and operations rehearsals make a job fail the way a cluster does,
+on purpose, to show what survives. Off unless an environment variable asks for one; the
+product's code holds no drill branches: a drill swaps in a subclass at construction.
+
+Synthesis (read in the driver, acted on in the actors):
+``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges (the job fails,
+finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
+samples range k dies (``os._exit``) once, after half of it is sampled and before it is
+written (the marker file records that it did); Ray restarts the actor and retries the call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from dakd.errors import ConfigError
+from dakd.synth.actor import SynthActor
+
+FAIL_AFTER_RANGES = "DAKD_SYNTH_FAIL_AFTER_RANGES"
+DIE_AT_RANGE = "DAKD_SYNTH_DIE_AT_RANGE"
+
+
+def synth_drills() -> dict | None:
+    """The synthesis drills the environment asks for ({"fail_after_ranges", "die_at_range"}),
+    None when it asks for none; ConfigError on a malformed DAKD_SYNTH_DIE_AT_RANGE."""
+    fail = os.environ.get(FAIL_AFTER_RANGES)
+    die = os.environ.get(DIE_AT_RANGE)
+    if die and not re.fullmatch(r"\d+:.+", die):
+        raise ConfigError(f"{DIE_AT_RANGE}={die!r}: expected k:/path/to/marker")
+    if not fail and not die:
+        return None
+    return {"fail_after_ranges": int(fail) if fail else None, "die_at_range": die or None}
+
+
+def synth_actor(job: dict) -> tuple[type, dict]:
+    """(actor class, constructor kwargs) for a synthesis job: SynthActor, or DrilledSynthActor
+    when job["drills"] (synth_drills, read on the driver) asks for a drill."""
+    if job.get("drills"):
+        return DrilledSynthActor, {"job": job, "drills": job["drills"]}
+    return SynthActor, {"job": job}
+
+
+def die_once(spec: str, k: int) -> None:
+    """Drill: when `spec` ("k:/marker") names range k and its marker is absent, write the
+    marker and end the process at once (no cleanup, like a lost node)."""
+    at, marker = spec.split(":", 1)
+    if int(at) == k and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"actor pid {os.getpid()} died in range {k}\n")
+        os._exit(1)
+
+
+class DrilledSynthActor(SynthActor):
+    """SynthActor with the drills of `drills` (see the module docstring)."""
+
+    def __init__(self, job: dict, drills: dict):
+        super().__init__(job)
+        self.drills = drills
+        self.written = 0
+
+    def sample(self, k: int, ids: list[int], after_batch=None) -> dict:
+        spec = self.drills.get("die_at_range")
+        if not spec:
+            return super().sample(k, ids, after_batch)
+        half = max(len(ids) // 2, 1)
+
+        def die_at_half(done: int) -> None:  # once half the range is sampled, before anything is written
+            if done >= half:
+                die_once(spec, k)
+
+        return super().sample(k, ids, die_at_half)
+
+    def write_range(self, k: int, start: int, stop: int) -> dict:
+        stats = super().write_range(k, start, stop)
+        self.written += 1
+        limit = self.drills.get("fail_after_ranges")
+        if limit is not None and self.written >= int(limit):
+            raise RuntimeError(f"drill: {FAIL_AFTER_RANGES}={limit} (failed after writing {stats['path']})")
+        return stats
