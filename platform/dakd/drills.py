@@ -3,8 +3,8 @@ on purpose, to show what survives. Off unless an environment variable asks for o
 product's code holds no drill branches: a drill swaps in a subclass at construction.
 
 Synthesis (read in the driver, acted on in the actors):
-``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges (the job fails,
-finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
+``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges and refuses every
+later call, writing nothing more (the job fails, finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
 samples range k dies (``os._exit``) once, after half of it is sampled and before it is
 written (the marker file records that it did); Ray restarts the actor and retries the call.
 """
@@ -60,6 +60,9 @@ class DrilledSynthActor(SynthActor):
         self.written = 0
 
     def sample(self, k: int, ids: list[int], after_batch=None) -> dict:
+        limit = self.drills.get("fail_after_ranges")
+        if limit is not None and self.written >= int(limit):  # a failed actor takes no more work (as if killed)
+            raise RuntimeError(f"drill: {FAIL_AFTER_RANGES}={limit} (this actor has already failed)")
         spec = self.drills.get("die_at_range")
         if not spec:
             return super().sample(k, ids, after_batch)
