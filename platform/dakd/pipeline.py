@@ -149,7 +149,7 @@ def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_
         ecfg = cfg.evaluate.model_copy(update={"checkpoint": trained["checkpoint"], "shards": real,
                                                "output": storage.join_uri(cfg.output, "eval", mode), "name": name,
                                                "ray": cfg.ray, "tracking": tracking_cfg})
-        results[mode] = run_evaluate(ecfg)
+        results[mode] = run_evaluate(ecfg, print_table=False)  # one table for all students, below
         rows[name] = results[mode]["metrics"]
         training[name] = student_training(storage.join_uri(cfg.output, "student", mode))
     selected = sorted({t["selected_on"] for t in training.values()})

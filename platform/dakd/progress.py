@@ -39,6 +39,8 @@ def configure_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose():
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        # MLflow's "View run ... at: URL" / "View experiment at" lines, two per run (the summary holds the run ids)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         logging.getLogger("dakd").setLevel(logging.INFO)
         # Ray Data's "Running Dataset ..." / execution summaries and Ray Train's status lines.
         for name in ("mlflow", "alembic", "urllib3", "botocore", "s3fs"):

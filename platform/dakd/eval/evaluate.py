@@ -108,9 +108,14 @@ def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, spl
     return cm, metrics, overlays
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
-    """Evaluate a checkpoint on a split at full resolution; print the paper-layout tables,
-    write metrics.json, table.md, confusion_matrix.png, overlays/ to `output`; log to MLflow."""
+METRICS_NOTE = ("(mIoU, F1, Recall, Precision: macro means over classes of per-class values from the summed "
+                "confusion matrix; Accuracy: pixel accuracy)")
+
+
+def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> dict:
+    """Evaluate a checkpoint on a split at full resolution; print the paper-layout tables
+    (unless `print_table` is false: the pipeline prints one table for all students), write
+    metrics.json, table.md, confusion_matrix.png, overlays/ to `output`; log to MLflow."""
     from dakd import tracking
     from dakd.runtime import init_ray
 
@@ -132,9 +137,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         protocol += " WARNING: the same split selected the checkpoint: these figures are optimistic."
         log.warning("evaluate: %s was selected on split %r, the split it is evaluated on", prov["model"], cfg.split)
     table = comparison_table({name: metrics}, protocol=protocol)
-    print(table, flush=True)
-    print("(mIoU, F1, Recall, Precision: macro means over classes of per-class values from the summed "
-          "confusion matrix; Accuracy: pixel accuracy)", flush=True)
+    if print_table:
+        print(table, flush=True)
+        print(METRICS_NOTE, flush=True)
     report = {"model": prov["model"], "name": name, "shards": cfg.shards, "split": cfg.split, "selected_on": selected_on,
               "classes": list(classes.names),
               "confusion_matrix": cm.tolist(), "confusion_matrix_layout": "cm[target][prediction] pixel counts",
