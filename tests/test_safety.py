@@ -395,3 +395,24 @@ def test_synthesize_count_bounded_and_ranges_lazy():
     assert time.perf_counter() - t0 < 5
     assert len(plan) == 1_562_500 and plan[-1] == (1_562_499, 99_999_936, 100_000_000)
     assert list(plan_ranges(10, 4)) == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+
+
+def test_local_mlflow_store_keeps_artifacts_under_the_output_not_the_cwd(tmp_path, monkeypatch):
+    """The embedded default store (sqlite under the job's output): a run's artifacts land beside
+    the database, nothing is written under the current directory."""
+    from dakd.tracking import RunLogger, resolve_tracking_uri, start_or_resume_run
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    uri = resolve_tracking_uri(None, str(out))
+    run_id = start_or_resume_run(uri, "exp", run_key="k", run_name="r", params={"a": 1})
+    logger = RunLogger(uri, run_id)
+    logger.log_dict({"x": 1}, "summary.json")
+    logger.end()
+    assert logger.failures == 0
+    assert list(cwd.iterdir()) == []
+    found = list((out / "mlartifacts").rglob("summary.json"))
+    assert len(found) == 1 and json.loads(found[0].read_text()) == {"x": 1}

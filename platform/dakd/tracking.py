@@ -40,6 +40,15 @@ def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:
     return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
 
 
+def local_artifacts(uri: str) -> str | None:
+    """Where a local sqlite store keeps its artifacts: `mlartifacts/` beside the database (so a
+    job's runs live wholly under its output), not MLflow's default `./mlruns` under the current
+    directory. None (the server's default) for every other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return "file://" + os.path.join(os.path.dirname(uri.removeprefix("sqlite:///")), "mlartifacts")
+
+
 def bounded_retries() -> None:
     """Give up on an unreachable server after seconds, not minutes (MLflow's default retries
     back off for minutes); set in every process that talks to MLflow."""
@@ -79,7 +88,7 @@ def start_or_resume_run(uri: str, experiment: str, run_key: str, run_name: str, 
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=local_artifacts(uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`dakd.run_key` = '{redact(run_key)}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
