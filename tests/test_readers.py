@@ -410,3 +410,23 @@ def test_registry_and_pickling(tmp_path):
     clone, ref2 = pickle.loads(pickle.dumps((reader, ref)))
     assert ref2 == ref and hash(ref2) == hash(ref)
     np.testing.assert_array_equal(clone.read(ref2)["image"], reader.read(ref)["image"])
+
+
+@pytest.mark.parametrize("kind", ["index", "palette"])
+def test_transparent_mask_pixels_are_an_error_naming_the_file(tmp_path, kind):
+    rng = np.random.default_rng(14)
+    palette = np.array([(0, 0, 0), (255, 255, 255), (0, 0, 255)], dtype=np.uint8)
+    classes = ClassTable(name="own", names=("water", "oil", "ship"), colors=tuple(map(tuple, palette.tolist())))
+    idx = block_mask(rng, H, W, 3)
+    rgba = np.concatenate([palette[idx] if kind == "palette" else np.repeat(idx[..., None], 3, axis=2),
+                           np.full((H, W, 1), 255, np.uint8)], axis=2)
+    opaque = write_folder_pair(tmp_path / "ok", "a", grey_image(rng, H, W), Image.fromarray(rgba, "RGBA"))
+    rgba[2:5, 3:7, 3] = 0  # 12 fully transparent pixels
+    holed = write_folder_pair(tmp_path / "bad", "a", grey_image(rng, H, W), Image.fromarray(rgba, "RGBA"))
+    pal = palette.tolist() if kind == "palette" else None
+    ok = FolderReader(root=str(tmp_path / "ok"), split="train", palette=pal, classes=classes, max_off_palette_share=0.01)
+    np.testing.assert_array_equal(ok.read(ok.list_pairs()[0][0])["mask"], idx)  # opaque RGBA reads as before
+    bad = FolderReader(root=str(tmp_path / "bad"), split="train", palette=pal, classes=classes, max_off_palette_share=0.01)
+    with pytest.raises(DataError, match="12 transparent pixel") as err:
+        bad.read(bad.list_pairs()[0][0])
+    assert err.value.path == str(holed["mask"])

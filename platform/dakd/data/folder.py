@@ -61,6 +61,6 @@ class FolderReader:
         if self.palette is None:
             mask = decode_index_mask(data, ref.mask_uri, self.classes.num_classes)
         else:
-            mask, off = map_palette(decode_rgb(data, ref.mask_uri), self.palette)
+            mask, off = map_palette(decode_rgb(data, ref.mask_uri, mask=True), self.palette)
             check_off_palette(off, mask.size, self.max_off_palette_share, ref.mask_uri)
         return make_record(ref, image, mask, sensor=None, off_palette_pixels=off)

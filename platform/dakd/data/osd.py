@@ -63,7 +63,7 @@ class OSDReader:
         if dict(ref.extra).get("label") == "index":
             mask = decode_index_mask(data, ref.mask_uri, self.classes.num_classes)
         else:
-            rgb = decode_rgb(data, ref.mask_uri)
+            rgb = decode_rgb(data, ref.mask_uri, mask=True)
             mask, off = map_palette(rgb, self.classes.palette())
             check_off_palette(off, mask.size, self.max_off_palette_share, ref.mask_uri)
         return make_record(ref, image, mask, sensor=None, off_palette_pixels=off)

@@ -83,6 +83,24 @@ def _open(data: bytes, path: str) -> Image.Image:
     return img
 
 
+def check_opaque(img: Image.Image, path: str) -> None:
+    """DataError(path) when a mask has transparent pixels (alpha < 255): their class is not
+    defined by the colour or index under them. Opaque RGBA / LA masks are fine."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+        n = int((alpha < 255).sum())
+        if n:
+            raise DataError(path, f"mask has {n} transparent pixel(s) (alpha < 255, {int((alpha == 0).sum())} fully "
+                                  "transparent): their class is undefined; save the mask without transparency")
+
+
+def _open_mask(data: bytes, path: str) -> Image.Image:
+    """Like _open, for a mask: also refuses transparent pixels (check_opaque)."""
+    img = _open(data, path)
+    check_opaque(img, path)
+    return img
+
+
 def _array(img: Image.Image) -> np.ndarray:
     """PIL image -> (H, W) uint8 for L/P (P: palette indices) or (H, W, 3) uint8."""
     if img.mode in ("1", "LA"):
@@ -100,9 +118,10 @@ def decode_image(data: bytes, path: str) -> np.ndarray:
     return _array(_open(data, path))
 
 
-def decode_rgb(data: bytes, path: str) -> np.ndarray:
-    """Encoded image -> (H, W, 3) uint8 RGB (a P-mode file through its own palette)."""
-    return np.array(_open(data, path).convert("RGB"), dtype=np.uint8)
+def decode_rgb(data: bytes, path: str, mask: bool = False) -> np.ndarray:
+    """Encoded image -> (H, W, 3) uint8 RGB (a P-mode file through its own palette); `mask`:
+    refuse transparent pixels (check_opaque)."""
+    return np.array((_open_mask if mask else _open)(data, path).convert("RGB"), dtype=np.uint8)
 
 
 def to_grey(array: np.ndarray) -> np.ndarray:
@@ -118,9 +137,10 @@ def to_grey(array: np.ndarray) -> np.ndarray:
     return np.array(Image.fromarray(array, "RGB").convert("L"), dtype=np.uint8)
 
 
-def decode_grey(data: bytes, path: str) -> np.ndarray:
-    """Encoded image -> (H, W) uint8 grey levels (see `to_grey`)."""
-    img = _open(data, path)
+def decode_grey(data: bytes, path: str, mask: bool = False) -> np.ndarray:
+    """Encoded image -> (H, W) uint8 grey levels (see `to_grey`); `mask`: refuse transparent
+    pixels (check_opaque)."""
+    img = (_open_mask if mask else _open)(data, path)
     if img.mode in ("P", "PA"):
         img = img.convert("RGB")  # colours, not palette indices
     return to_grey(_array(img))
@@ -129,7 +149,7 @@ def decode_grey(data: bytes, path: str) -> np.ndarray:
 def decode_index_mask(data: bytes, path: str, num_classes: int) -> np.ndarray:
     """Class-index PNG (mode L or P, or RGB with R=G=B) -> (H, W) uint8, every value
     < num_classes; DataError(path) otherwise."""
-    mask = decode_image(data, path)
+    mask = _array(_open_mask(data, path))
     if mask.ndim == 3:
         if not ((mask[..., 0] == mask[..., 1]).all() and (mask[..., 1] == mask[..., 2]).all()):
             raise DataError(path, "expected a single-channel class-index mask (mode L or P), got colour RGB")

@@ -75,6 +75,6 @@ class SOSReader:
 
     def read(self, ref: PairRef) -> dict:
         image = decode_grey(storage.read_bytes(ref.image_uri), ref.image_uri)
-        grey = decode_grey(storage.read_bytes(ref.mask_uri), ref.mask_uri)
+        grey = decode_grey(storage.read_bytes(ref.mask_uri), ref.mask_uri, mask=True)
         mask = (grey >= OIL_THRESHOLD).astype(np.uint8)
         return make_record(ref, image, mask, sensor=dict(ref.extra)["sensor"], off_palette_pixels=0)
