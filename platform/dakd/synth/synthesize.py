@@ -130,8 +130,10 @@ def contact_sheet(output: str, files: list[dict], classes: ClassTable, count: in
 
 # ---------------------------------------------------------------- driver
 def run_ranges(cfg: SynthesizeConfig, todo: list[tuple], job: dict, total: int, done_rows: int) -> tuple[list[dict], dict]:
-    """Write the `todo` ranges with a Ray Data actor pool; prints progress; returns (stats per
-    range, timing {seconds, steady_samples_per_s})."""
+    """Write the `todo` ranges with a Ray Data actor pool, showing one live progress line (a
+    line per range with --verbose); returns (stats per range, timing {seconds,
+    steady_samples_per_s})."""
+    from dakd.progress import progress_line, report as report_progress
     from dakd.runtime import init_ray
 
     ray = init_ray(cfg.ray)
@@ -149,14 +151,18 @@ def run_ranges(cfg: SynthesizeConfig, todo: list[tuple], job: dict, total: int, 
     stats, t0 = [], time.perf_counter()
     done = done_rows
     try:
-        for row in ds.iter_rows():
-            s = json.loads(row["stats"])
-            stats.append(s)
-            done += s["rows"]
-            now = time.perf_counter()
-            rate = (done - done_rows) / max(now - t0, 1e-9)
-            print(f"[synthesize] {done}/{total} samples ({len(stats)}/{len(todo)} ranges this run, "
-                  f"{rate:.2f} samples/s, last {s['path']})", flush=True)
+        with progress_line("synthesize", total=total, unit="sample", start=done_rows) as bar:  # None: --verbose
+            for row in ds.iter_rows():
+                s = json.loads(row["stats"])
+                stats.append(s)
+                done += s["rows"]
+                note = f"{len(stats)}/{len(todo)} ranges this run"
+                if bar is not None:
+                    report_progress(bar, done, note)
+                else:
+                    rate = (done - done_rows) / max(time.perf_counter() - t0, 1e-9)
+                    print(f"[synthesize] {done}/{total} samples ({note}, {rate:.2f} samples/s, last {s['path']})",
+                          flush=True)
     except Exception as exc:  # noqa: BLE001 - Ray wraps actor errors in several types
         raise SynthesisError(f"synthesis into {cfg.output} failed after {len(stats)} of {len(todo)} ranges this run "
                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}); finished ranges are "
