@@ -96,8 +96,6 @@ def shutdown_ray() -> None:
 LOCK_NAMESPACE = "dakd-run-locks"
 
 
-
-
 def _submission_id() -> str | None:
     """The `ray job submit` submission id of this driver (None outside a submitted job)."""
     try:

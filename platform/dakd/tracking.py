@@ -26,8 +26,6 @@ from dakd.redact import redact, redact_obj
 log = logging.getLogger(__name__)
 
 
-
-
 def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

@@ -32,7 +32,6 @@ from dakd.config import LOSS_MODES, SOFT_SYNTHETIC
 __all__ = ["dice_loss", "kd_loss", "segmentation_loss", "LOSS_MODES", "SOFT_SYNTHETIC"]
 
 
-
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
     """Soft Dice loss (Sudre et al. 2017 soft Dice, unweighted), averaged over classes.
 

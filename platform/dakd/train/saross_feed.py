@@ -36,7 +36,6 @@ from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError, DataError
 
 
-
 def _read_columns(uri: str, columns: list[str]):
     loc = storage.resolve(uri)
     with loc.fs.open_input_file(loc.path) as f:

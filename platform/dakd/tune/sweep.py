@@ -44,8 +44,6 @@ STATE = "sweep.json"
 TUNE_DIR = "tune"
 
 
-
-
 # ---------------------------------------------------------------- planning
 def scores_synthesis(cfg: TuneConfig) -> bool:
     """A teacher trial scores its synthetic set (FID, IS) when the extractor can run: InceptionV3
