@@ -23,6 +23,15 @@ def unit_hash(key: str) -> float:
     return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
 
 
+def feed_rng(run_seed: int, epoch: int, key: str):
+    """The numpy Generator for one draw of a training feed (a sample's crop and flips, a
+    window's order) in epoch `epoch` of a run seeded `run_seed`: the same run, epoch and key
+    draw the same on any machine, whatever task or worker does the work."""
+    import numpy as np
+
+    return np.random.default_rng(sample_seed(run_seed, f"feed/{int(epoch)}/{key}"))
+
+
 def worker_seed(run_seed: int, rank: int) -> int:
     """The torch seed of Ray Train worker `rank` in a run seeded `run_seed` (distinct per rank,
     the same on every attempt, so a restarted worker draws as the first one did)."""

@@ -94,7 +94,7 @@ def _fit(cfg: TrainJointNetConfig, shard_set, loop: JointNetLoop, run) -> dict:
     from dakd.train.runner import checkpoint_uri, fit, make_trainer
 
     trainer = make_trainer(cfg, train_loop_per_worker, loop,
-                           real_dataset(shard_set, "train", cfg.crop_size, cache=cfg.cache_dataset))
+                           real_dataset(shard_set, "train", cfg.crop_size, cache=cfg.cache_dataset, seed=cfg.seed))
     result = fit(trainer, loop.run_uri)
     metrics = dict(result.metrics or {})
     ckpt_uri = checkpoint_uri(cfg.output, result.checkpoint)

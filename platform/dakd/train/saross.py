@@ -263,7 +263,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     init_ray(cfg.ray)
     dataset, data_info = training_dataset(real, cfg.train_split, cfg.crop_size, synthetic=cfg.synthetic,
                                           mode=cfg.loss.mode, share=cfg.synthetic_share, use_mosaic=cfg.mosaic,
-                                          cache=cfg.cache_dataset)
+                                          cache=cfg.cache_dataset, seed=cfg.seed)
     per_epoch = (data_info["real"] + data_info["synthetic"]) // (cfg.per_worker_batch * cfg.num_workers)
     if cfg.val_split == TEST_SPLIT:
         log.warning("train-saross: the best checkpoint is selected on the test split (select_on_test=true); "

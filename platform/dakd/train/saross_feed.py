@@ -34,6 +34,7 @@ from dakd.data.mosaic import mosaic, random_crop_flip
 from dakd.data.shards import SOFT_COLUMNS, SYNTHETIC_SPLIT, ShardSet, decode_logits, decode_plane, open_shard_set
 from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError, DataError
+from dakd.seeds import feed_rng
 
 
 def _read_columns(uri: str, columns: list[str]):
@@ -94,12 +95,17 @@ def check_synthetic(synthetic: ShardSet, num_classes: int, crop_size: int, use_m
     return {"count": count, "tile": tile}
 
 
-def mosaic_batch(batch: dict, crop_size: int, use_mosaic: bool) -> dict:
+def mosaic_batch(batch: dict, crop_size: int, use_mosaic: bool, run_seed: int = 0, copy: int = 0) -> dict:
     """Ray Data batch of synthetic rows -> mosaics (4 random tiles each; a remainder of
-    fewer than 4 tiles is dropped), cropped and flipped, images normalised."""
-    rng = np.random.default_rng()
+    fewer than 4 tiles is dropped), cropped and flipped, images normalised. The draws come
+    from (run seed, epoch, copy, tile ids) (seeds.feed_rng); `copy` tells apart the passes
+    over the tiles within one epoch."""
+    from dakd.train.feed import feed_epoch
+
+    epoch = feed_epoch()
     group = 4 if use_mosaic else 1
     n = len(batch["id"])
+    rng = feed_rng(run_seed, epoch, f"mosaic/{copy}/{batch['id'][0] if n else ''}")
     # random groups of `group` distinct tiles (a small set repeats tiles within an epoch)
     groups, open_groups = [], []
     for i in rng.permutation(n):
@@ -124,7 +130,7 @@ def mosaic_batch(batch: dict, crop_size: int, use_mosaic: bool) -> dict:
         else:
             image, logit = tiles_i[0], tiles_l[0]
         sid = "mosaic of synthetic " + ",".join(str(batch["id"][i]) for i in idx)
-        image, logit = random_crop_flip(image, logit, crop_size, rng, sid)
+        image, logit = random_crop_flip(image, logit, crop_size, feed_rng(run_seed, epoch, f"crop/{copy}/{sid}"), sid)
         images.append(normalize_image(image))
         logits.append(logit.astype(np.float16))
         masks.append(logit.argmax(axis=0).astype(np.uint8))
@@ -150,11 +156,12 @@ def synthetic_count(real_count: int, share: float) -> int:
 
 
 def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: str | None, mode: str,
-                     share: float, use_mosaic: bool, cache: bool = True):
-    """The epoch dataset (see module docstring) and a summary dict of what it holds."""
+                     share: float, use_mosaic: bool, cache: bool = True, seed: int = 0):
+    """The epoch dataset (see module docstring) and a summary dict of what it holds; seed:
+    the run seed every draw of the feed derives from (train.feed)."""
     import ray
 
-    from dakd.train.feed import real_dataset, shuffle_window
+    from dakd.train.feed import block_order, real_dataset, shuffle_window
 
     num_classes = real.classes.num_classes
     r = check_real_crops(real, split, crop_size)
@@ -165,8 +172,8 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     if mode == "real-only":
         # compute-matched: the synthetic share is filled with more real crops (repeats)
         info["real"] = r + s
-        return real_dataset(real, split, crop_size, cache=cache, samples=r + s), info
-    ds = real_dataset(real, split, crop_size, cache=cache)
+        return real_dataset(real, split, crop_size, cache=cache, samples=r + s, seed=seed), info
+    ds = real_dataset(real, split, crop_size, cache=cache, seed=seed)
     if not synthetic:
         raise ConfigError(f"loss.mode={mode}: set `synthetic` to a synthetic shard set (from `dakd synthesize`)")
     syn_set = open_shard_set(synthetic)
@@ -185,13 +192,11 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     if cache:
         tiles = tiles.materialize()
     reps = math.ceil(s / per_pass) + (1 if s > per_pass else 0)  # +1: remainders dropped per batch
-    if reps > 1:
-        tiles = tiles.union(*([tiles] * (reps - 1)))
-    syn_ds = (tiles.randomize_block_order()
-              .map_batches(mosaic_batch, fn_kwargs={"crop_size": crop_size, "use_mosaic": use_mosaic},
-                           batch_size=group * 8, batch_format="numpy")
-              .limit(s))
+    passes = [block_order(tiles, seed, f"tiles/{k}").map_batches(
+        mosaic_batch, fn_kwargs={"crop_size": crop_size, "use_mosaic": use_mosaic, "run_seed": seed, "copy": k},
+        batch_size=group * 8, batch_format="numpy") for k in range(reps)]
+    syn_ds = block_order(passes[0].union(*passes[1:]) if reps > 1 else passes[0], seed, "mosaics").limit(s)
     real_ds = ds.map_batches(mark_real, fn_kwargs={"num_classes": num_classes}, batch_format="numpy")
     # Mixing the union: the workers' split hands out whole blocks, so without it one worker
     # could get only real blocks and another only synthetic ones.
-    return shuffle_window(real_ds.union(syn_ds)), info
+    return shuffle_window(real_ds.union(syn_ds), seed), info
