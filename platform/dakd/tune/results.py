@@ -79,11 +79,9 @@ def table_csv(rows: list[dict]) -> str:
 
 def plot_metric(rows: list[dict], dims: list[Dimension], metric: str) -> bytes:
     """PNG: the best metric of each trial against each swept parameter (one panel per parameter)."""
-    import matplotlib
+    from dakd.eval.figures import figure_png, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if r[f"best {metric}"] is not None]
     fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.4), squeeze=False)
     for ax, d in zip(axes[0], dims):
@@ -103,10 +101,7 @@ def plot_metric(rows: list[dict], dims: list[Dimension], metric: str) -> bytes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} per trial (blue: completed, orange: stopped early)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def best_configs(cfg: TuneConfig, dims: list[Dimension], best: dict, sweep_uri: str) -> dict[str, str]:
