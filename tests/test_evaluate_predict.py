@@ -92,8 +92,10 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     # the table says which split selected the checkpoint and which reports
     assert "Checkpoint selected on split 'val', reported on split 'test' (1 images)." in table
     assert summary["selected_on"] == report["selected_on"] == "val" and "WARNING" not in table
-    assert Image.open(tmp_path / "eval" / "confusion_matrix.png").size[0] > 100
-    overlay = Image.open(tmp_path / "eval" / "overlays" / (rec["id"].replace("/", "_") + ".png"))
+    files = report["files"]  # the figures metrics.json lists, under this run's generation folder
+    assert Image.open(tmp_path / "eval" / files["confusion_matrix"]).size[0] > 100
+    assert [f.rsplit("/", 1)[-1] for f in files["overlays"]] == [rec["id"].replace("/", "_") + ".png"]
+    overlay = Image.open(tmp_path / "eval" / files["overlays"][0])
     assert overlay.size == (3 * 1250, 650 + TITLE_HEIGHT)  # titled [image | ground truth | prediction]
 
     import mlflow

@@ -192,6 +192,74 @@ def test_predict_same_stem_two_masks_and_skip(tiny_student, tmp_path, ray_local)
     assert all(".." not in n for n in mask_names(["../../x.png", "a/../b.png"]).values())
 
 
+def _files_under(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_predict_and_evaluate_overwrite_are_swaps(tiny_student, tmp_path, ray_local, monkeypatch):
+    """A failed re-run leaves the old result whole (and nothing of its own); a successful one
+    replaces it and removes only the files the old result listed."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from dakd.config import EvaluateConfig, PredictConfig
+    from dakd.eval.evaluate import run_evaluate
+    from dakd.predict import run_predict
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "pred"
+    base = ["model=" + tiny_student, f"input={folder}", f"output={out}", "tracking.enabled=false"]
+    run_predict(load_config(PredictConfig, None, base))
+    first = pq.read_table(out / "areas.parquet").to_pylist()
+    old = {r["mask"]: (out / r["mask"]).read_bytes() for r in first}
+    (out / "masks" / "mine.txt").write_text("mine")  # a user's own file
+    before = _files_under(out)
+
+    (folder / "c.png").write_bytes(b"")  # the overwrite fails on it (on_error=fail) ...
+    with pytest.raises(DataError, match="c.png"):
+        run_predict(load_config(PredictConfig, None, base + ["overwrite=true"]))
+    assert pq.read_table(out / "areas.parquet").to_pylist() == first  # ... the old result is whole
+    assert all((out / m).read_bytes() == data for m, data in old.items())
+    assert _files_under(out) == before  # and the failed run left nothing of its own
+
+    (folder / "c.png").unlink()
+    run_predict(load_config(PredictConfig, None, base + ["overwrite=true"]))
+    second = pq.read_table(out / "areas.parquet").to_pylist()
+    assert [r["id"] for r in second] == ["a.png", "b.png"] and not {r["mask"] for r in second} & set(old)
+    assert _files_under(out) == {"areas.parquet", "areas.csv", "masks/mine.txt", *(r["mask"] for r in second)}
+
+    real = str(tmp_path / "real")
+    run_ingest(IngestConfig(source=SOURCE, output=real, rows_per_file=4))
+    ev = tmp_path / "eval"
+    cfg = ["checkpoint=" + tiny_student, f"shards={real}", f"output={ev}", "tracking.enabled=false", "split=train"]
+    run_evaluate(load_config(EvaluateConfig, None, cfg + ["overlay_count=3"]), print_table=False)
+    report = json.loads((ev / "metrics.json").read_text())
+    listed = {report["files"]["confusion_matrix"], *report["files"]["overlays"]}
+    assert len(report["files"]["overlays"]) == 3 and _files_under(ev) == {"metrics.json", "table.md", *listed}
+
+    real_write = storage.write_text
+
+    def fail_on_metrics(uri, text):
+        if uri.endswith("metrics.json"):
+            raise OSError("disk full (injected)")
+        return real_write(uri, text)
+
+    monkeypatch.setattr(storage, "write_text", fail_on_metrics)
+    with pytest.raises(OSError, match="injected"):
+        run_evaluate(load_config(EvaluateConfig, None, cfg + ["overlay_count=1"]), print_table=False)
+    monkeypatch.undo()
+    assert json.loads((ev / "metrics.json").read_text()) == report and _files_under(ev) == {"metrics.json", "table.md", *listed}
+
+    run_evaluate(load_config(EvaluateConfig, None, cfg + ["overlay_count=1"]), print_table=False)
+    again = json.loads((ev / "metrics.json").read_text())
+    assert len(again["files"]["overlays"]) == 1 and again["confusion_matrix"] == report["confusion_matrix"]
+    assert _files_under(ev) == {"metrics.json", "table.md", again["files"]["confusion_matrix"], *again["files"]["overlays"]}
+
+
 def test_tiled_segmentation_matches_whole_and_bounded_memory(tiny_student, tmp_path):
     """Tiles give the whole-image answer away from tile borders, and a 6000x6000 scene is
     predicted (decode, tiled segmentation, mask PNG) within 2 GB of peak RSS in a fresh process."""

@@ -4,14 +4,20 @@ Input: every image file under `input` (a path, file:// or s3:// prefix; suffixes
 folder reader: .png .jpg .jpeg .tif .tiff .bmp; searched recursively), read as 8-bit grey
 (data.readers.decode_grey), segmented at full resolution by Ray Data actors.
 Output under `output`:
-    masks/<relative path without suffix>.png   coloured class map (the class table's colours);
+    masks/<generation>/<relative path without suffix>.png
+                                               coloured class map (the class table's colours);
                                                when two inputs share that name (scene.jpg and
                                                scene.png), each keeps its suffix: scene.jpg.png
+    areas.parquet, areas.csv                   one row per image: id (relative path), mask (its
+                                               path under output), height, width,
+                                               pixels_<class>, and with pixel_size_m
+                                               area_km2_<class> = pixels * pixel_size_m^2 / 1e6
     skipped.json                               with on_error=skip: the inputs that could not be
                                                read, each with its reason
-    areas.parquet, areas.csv                   one row per image: id (relative path), height,
-                                               width, pixels_<class>, and with pixel_size_m
-                                               area_km2_<class> = pixels * pixel_size_m^2 / 1e6
+`--overwrite` is a swap: the new masks go under a fresh generation folder beside the old
+ones, areas.parquet (one atomic write, the list of masks) then makes them the result, and
+only then are the masks the old areas.parquet lists removed. A failed run removes its own
+generation; a failed or killed one leaves the old result whole.
 The model: a checkpoint directory, a train-saross run directory (its best checkpoint), or
 an MLflow model URI `models:/<name>/<version>` (tracking.uri / MLFLOW_TRACKING_URI).
 """
@@ -28,6 +34,7 @@ from dakd import storage
 from dakd.config import PredictConfig
 from dakd.data.classes import class_table_from_dict
 from dakd.data.folder import IMAGE_SUFFIXES
+from dakd.data.shards import discard_generation, new_generation, remove_listed
 from dakd.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -132,23 +139,56 @@ def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[
 
 def run_predict(cfg: PredictConfig) -> dict:
     """Segment every image under `input`; write masks and per-image class areas; returns the summary."""
-    import ray as _ray
-    from ray.data import ActorPoolStrategy
-
     from dakd.checkpoints import load_model
     from dakd.runtime import init_ray
 
     images = list_images(cfg.input)
     parquet_uri = storage.join_uri(cfg.output, f"{AREAS}.parquet")
-    if storage.exists(parquet_uri) and not cfg.overwrite:
+    old_masks = listed_masks(parquet_uri)
+    if old_masks is not None and not cfg.overwrite:
         raise DataError(cfg.output, "already holds predictions (areas.parquet); pass --overwrite to replace them")
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
     model, classes, prov = load_model(cfg.model, cfg.tracking)
     init_ray(cfg.ray)
     print(f"[predict] {len(images)} image(s) under {cfg.input} with {prov['model']}", flush=True)
+    gen = new_generation()
+    try:
+        rows, skipped = _predict_all(cfg, images, model, classes, gen)
+    except BaseException:  # a failed run removes its own masks; the old result stays as it was
+        discard_generation(storage.join_uri(cfg.output, "masks", gen))
+        raise
+    write_areas(cfg.output, rows, skipped)
+    remove_listed(cfg.output, old_masks or [], keep={r["mask"] for r in rows})
+    totals = {n: int(sum(r[f"pixels_{n}"] for r in rows)) for n in classes.names}
+    print(f"[predict] wrote {len(rows)} masks and {parquet_uri}; class pixels: "
+          + ", ".join(f"{n} {v}" for n, v in totals.items()), flush=True)
+    return {"job": "predict", "model": prov["model"], "images": len(rows), "output": cfg.output,
+            "areas": parquet_uri, "class_pixels": totals, "skipped": skipped}
+
+
+def listed_masks(parquet_uri: str) -> list[str] | None:
+    """The mask paths an existing areas.parquet lists (None when there is none). A damaged
+    one lists nothing: an overwrite then removes none of the old files."""
+    import pyarrow.parquet as pq
+
+    if not storage.exists(parquet_uri):
+        return None
+    try:
+        return [str(m) for m in pq.read_table(io.BytesIO(storage.read_bytes(parquet_uri)), columns=["mask"])
+                .column("mask").to_pylist()]
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("predict: %s cannot be read (%s); the masks it lists are left in place", parquet_uri, exc)
+        return []
+
+
+def _predict_all(cfg: PredictConfig, images: list[tuple[str, str]], model, classes, gen: str) -> tuple[list, list]:
+    """Run the actor pool over `images`, masks under masks/<gen>/; returns (rows, skipped)."""
+    import ray as _ray
+    from ray.data import ActorPoolStrategy
+
     model_ref = [_ray.put(model)]
-    names = mask_names([i for _, i in images])
+    names = {i: f"masks/{gen}/{n[len('masks/'):]}" for i, n in mask_names([i for _, i in images]).items()}
     ds = _ray.data.from_items([{"uri": u, "id": i, "mask": names[i]} for u, i in images],
                               override_num_blocks=max(1, min(len(images), 64)))
     out = ds.map_batches(PredictActor, fn_constructor_args=(model_ref, classes.to_dict(), cfg.output, cfg.gpus_per_actor,
@@ -172,12 +212,7 @@ def run_predict(cfg: PredictConfig) -> dict:
                                    f"{skipped[0]['reason']})")
     rows.sort(key=lambda r: r["id"])
     skipped.sort(key=lambda r: r["id"])
-    write_areas(cfg.output, rows, skipped)
-    totals = {n: int(sum(r[f"pixels_{n}"] for r in rows)) for n in classes.names}
-    print(f"[predict] wrote {len(rows)} masks and {parquet_uri}; class pixels: "
-          + ", ".join(f"{n} {v}" for n, v in totals.items()), flush=True)
-    return {"job": "predict", "model": prov["model"], "images": len(rows), "output": cfg.output,
-            "areas": parquet_uri, "class_pixels": totals, "skipped": skipped}
+    return rows, skipped
 
 
 def write_areas(output: str, rows: list[dict], skipped: list[dict]) -> None:

@@ -200,12 +200,16 @@ def _eval_section(root: str) -> str:
     for mode, r in reports.items():
         d = storage.join_uri(base, mode)
         out += f"<h3>{_esc(r.get('name', mode))}</h3><div class=\"grid\">"
-        cm = storage.join_uri(d, "confusion_matrix.png")
+        listed = r.get("files") or {}  # metrics.json names its figures (evaluate writes them per generation)
+        cm = storage.join_uri(d, listed.get("confusion_matrix", "confusion_matrix.png"))
         if storage.exists(cm):
             out += f"<figure>{_img(storage.read_bytes(cm), 'confusion matrix', 420)}<figcaption>Confusion matrix (rows: target, " \
                    f"columns: prediction)</figcaption></figure>"
-        overlays = storage.join_uri(d, "overlays")
-        files = sorted(u for u in storage.list_files(overlays) if u.endswith(".png")) if storage.exists(overlays) else []
+        if "overlays" in listed:
+            files = [storage.join_uri(d, rel) for rel in listed["overlays"]]
+        else:  # an evaluation written before metrics.json listed its files
+            overlays = storage.join_uri(d, "overlays")
+            files = sorted(u for u in storage.list_files(overlays) if u.endswith(".png")) if storage.exists(overlays) else []
         for uri in files:
             sid = uri.rsplit("/", 1)[-1][:-4]
             out += (f"<figure>{_img(storage.read_bytes(uri), 'overlay ' + sid, min_width=480)}<figcaption>{_esc(sid)}: "

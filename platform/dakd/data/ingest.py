@@ -141,11 +141,11 @@ def _discard_generation(output: str, generation: str) -> None:
     and not once the manifest names it: an interruption after the swap keeps the new set)."""
     try:
         current = shards.read_manifest(output) or {}
-        if any(p.startswith(f"data/{generation}/") for p in shards.listed_files(current)):
-            return
-        storage.delete_dir(storage.join_uri(output, "data", generation))
     except Exception as exc:  # noqa: BLE001 - the run's own error matters more
-        log.warning("could not remove the failed run's files under %s/data/%s: %s", output, generation, exc)
+        log.warning("could not read %s to remove the failed run's files: %s", output, exc)
+        return
+    if not any(p.startswith(f"data/{generation}/") for p in shards.listed_files(current)):
+        shards.discard_generation(storage.join_uri(output, "data", generation))
 
 
 def _first_error(errors: list[dict]) -> DataError:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import time
@@ -38,6 +39,8 @@ import pyarrow.parquet as pq
 from dakd import storage
 from dakd.data.classes import ClassTable, class_table_from_dict
 from dakd.errors import DataError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -113,9 +116,18 @@ def listed_files(manifest: dict) -> list[str]:
     return paths
 
 
+def discard_generation(uri: str) -> None:
+    """After a failed run: remove that run's own generation folder `uri`, best effort (a
+    warning when it cannot: the run's own error matters more)."""
+    try:
+        storage.delete_dir(uri)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not remove the failed run's files under %s: %s", uri, exc)
+
+
 def remove_listed(root: str, paths: list[str], keep: set[str] = frozenset()) -> int:
     """Delete the files `paths` (relative to `root`, as a manifest lists them) except `keep`;
-    missing files are ignored; local directories left empty under root/data are removed.
+    missing files are ignored; local directories left empty under root are removed.
     Returns how many were deleted. Never deletes anything that is not listed."""
     loc = storage.resolve(root)
     removed = 0
@@ -130,8 +142,8 @@ def remove_listed(root: str, paths: list[str], keep: set[str] = frozenset()) -> 
             continue
         except OSError as exc:
             raise DataError(storage.join_uri(root, rel), f"cannot remove ({exc})") from exc
-        if loc.scheme == "file":  # tidy empty local folders up to root/data
-            parent, stop = os.path.dirname(path), os.path.join(loc.path, "data")
+        if loc.scheme == "file":  # tidy empty local folders up to root
+            parent, stop = os.path.dirname(path), loc.path.rstrip("/")
             while parent.startswith(stop + os.sep):
                 try:
                     os.rmdir(parent)

@@ -8,9 +8,13 @@ precision and recall from the summed confusion matrix; mIoU, F1, precision and r
 in the table are *macro* means over the classes present in the target or prediction;
 accuracy is pixel accuracy, trace / total.
 
-Outputs under `output`: metrics.json (confusion matrix, per-class and mean values),
-table.md (the paper's layouts), confusion_matrix.png, overlays/<id>.png ([image |
-prediction | ground truth] for the first `overlay_count` images); the same logged to MLflow.
+Outputs under `output`: metrics.json (confusion matrix, per-class and mean values, and
+`files`: the figures below), table.md (the paper's layouts), and under a fresh
+`<generation>/` folder confusion_matrix.png and overlays/<id>.png ([image | ground truth |
+prediction] for the first `overlay_count` images); the same logged to MLflow. A re-run is a
+swap: its figures go beside the old ones, metrics.json (one atomic write) then names them,
+and only then are the files the old metrics.json lists removed, so a failed or killed
+re-run leaves the old evaluation whole.
 
 Segmentation (`dakd.inference.segment`), overlays and the confusion-matrix figure
 (`dakd.eval.figures`) and model loading (`dakd.checkpoints.load_model`) live in their own modules.
@@ -30,7 +34,8 @@ from dakd import storage
 from dakd.checkpoints import load_model
 from dakd.config import EvaluateConfig, dump_config
 from dakd.data.classes import ClassTable, class_table_from_dict
-from dakd.data.shards import PAIR_COLUMNS, decode_plane, open_shard_set
+from dakd.data.shards import (PAIR_COLUMNS, decode_plane, discard_generation, new_generation, open_shard_set,
+                              remove_listed)
 from dakd.errors import DataError
 from dakd.eval.figures import confusion_png, overlay_panel, png_bytes
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
@@ -144,12 +149,8 @@ def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> dict:
               "classes": list(classes.names),
               "confusion_matrix": cm.tolist(), "confusion_matrix_layout": "cm[target][prediction] pixel counts",
               "averaging": "macro over present classes; accuracy = pixel accuracy", "metrics": metrics}
-    storage.write_text(storage.join_uri(cfg.output, "metrics.json"), json.dumps(report, indent=2))
-    storage.write_text(storage.join_uri(cfg.output, "table.md"), table + "\n")
     cm_png = confusion_png(cm, classes.names)
-    storage.write_bytes(storage.join_uri(cfg.output, "confusion_matrix.png"), cm_png)
-    for sid, data in overlays.items():
-        storage.write_bytes(storage.join_uri(cfg.output, "overlays", f"{_safe_name(sid)}.png"), data)
+    write_outputs(cfg.output, report, table, cm_png, overlays)
     with tracking.job_run(cfg.tracking, uri=uri, job="evaluate", run_key=f"evaluate:{cfg.output}",
                           run_name=f"evaluate-{name}", params=dump_config(cfg),
                           tags={"dakd.model": str(prov["model"])}) as run:
@@ -159,6 +160,40 @@ def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> dict:
             "images": metrics["images"], "miou": metrics["miou"], "f1": metrics["f1_mean"], "precision": metrics["precision_mean"],
             "recall": metrics["recall_mean"], "accuracy": metrics["accuracy"], "iou": metrics["iou"],
             "confusion_matrix": cm.tolist(), "mlflow_run_id": run.run_id, "table": table, "metrics": metrics}
+
+
+def listed_outputs(report: dict) -> list[str]:
+    """The figure files a metrics.json lists (relative to its folder)."""
+    files = report.get("files") or {}
+    return [p for p in [files.get("confusion_matrix"), *files.get("overlays", [])] if p]
+
+
+def write_outputs(output: str, report: dict, table: str, cm_png: bytes, overlays: dict[str, bytes]) -> None:
+    """Write the evaluation to `output` as a swap: figures under a fresh generation folder,
+    then metrics.json naming them (`report["files"]` is set), then table.md; then the files
+    the previous metrics.json listed are removed. A failure before metrics.json removes the
+    new generation and leaves the old evaluation as it was."""
+    metrics_uri = storage.join_uri(output, "metrics.json")
+    old: list[str] = []
+    if storage.exists(metrics_uri):
+        try:
+            old = listed_outputs(json.loads(storage.read_text(metrics_uri)))
+        except (ValueError, AttributeError) as exc:  # an unreadable old report: remove nothing
+            log.warning("evaluate: %s cannot be read (%s); its files are left in place", metrics_uri, exc)
+    gen = new_generation()
+    files = {"confusion_matrix": f"{gen}/confusion_matrix.png",
+             "overlays": [f"{gen}/overlays/{_safe_name(sid)}.png" for sid in overlays]}
+    try:
+        storage.write_bytes(storage.join_uri(output, files["confusion_matrix"]), cm_png)
+        for rel, data in zip(files["overlays"], overlays.values()):
+            storage.write_bytes(storage.join_uri(output, rel), data)
+        report["files"] = files
+        storage.write_text(metrics_uri, json.dumps(report, indent=2))
+    except BaseException:
+        discard_generation(storage.join_uri(output, gen))
+        raise
+    storage.write_text(storage.join_uri(output, "table.md"), table + "\n")
+    remove_listed(output, old, keep=set(listed_outputs(report)))
 
 
 def log_run(logger, report: dict, table: str, cm_png: bytes, overlays: dict[str, bytes]) -> None:
