@@ -16,6 +16,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ["OMP_NUM_THREADS"] = "1"
+# Ray Train: no spot-preemption watcher actor (one more process per run), and a run's end
+# noticed sooner than the 2 s default poll.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 try:
     import torch
@@ -81,6 +85,9 @@ def ray_local(s3_server):
     ray.init(address="local", num_cpus=int(os.environ.get("RAY_TEST_CPUS", "8")), object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    from dakd.runtime import configure_ray_data
+
+    configure_ray_data()  # as every job does through init_ray (tests also build datasets directly)
     yield ray
     ray.shutdown()
 

@@ -28,6 +28,7 @@ def init_ray(cfg: RayConfig):
 
     from dakd.progress import configure_logging, quiet_ray_data, verbose
 
+    configure_ray_data()
     if ray.is_initialized():
         return ray
     _started_here = True
@@ -53,6 +54,21 @@ def init_ray(cfg: RayConfig):
         )
     quiet_ray_data()
     return ray
+
+
+def configure_ray_data() -> None:
+    """Ray Data settings of dakd's jobs, for datasets made in this process (each dataset keeps
+    a copy of the DataContext it was made under, and its tasks run with that copy).
+
+    Parquet is read through Ray Data's V1 datasource: V2 (Ray 2.6x's default) starts a pool of
+    32 FooterReader actors, each a new Python process, for every execution of a read, so a
+    training feed paid seconds of process start-up per epoch to read a few footers that the
+    shard set's manifest already lists."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    if hasattr(ctx, "use_datasource_v2"):
+        ctx.use_datasource_v2 = False
 
 
 def _raylet_notices_to_stderr() -> None:
