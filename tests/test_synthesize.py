@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 
 import boto3
 import numpy as np
@@ -115,7 +117,7 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
     monkeypatch.delenv("DAKD_SYNTH_FAIL_AFTER_RANGES")
     before = s3_objects(out)
     assert "manifest.json" not in before
-    finished = sorted(k for k in before if k.startswith("data/train/part-"))  # whichever range the actor took first
+    finished = sorted(k for k in before if re.match(r"data/syn-[0-9a-f]+/train/part-\d+\.parquet$", k))  # the range taken first
     assert 1 <= len(finished) < 3
 
     summary = run_synthesize(cfg)  # the same command again: resumes
@@ -171,7 +173,7 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
     grown = run_synthesize(cfg.model_copy(update={"count": 60}))
     assert grown["ranges_written"] == [2, 3] and grown["ranges_kept"] == [0, 1] and grown["generated"] == 16 + 12
     final = s3_objects(out)
-    for key in ("data/train/part-00000.parquet", "data/train/part-00001.parquet"):
+    for key in [k for k in after if k.endswith(("/train/part-00000.parquet", "/train/part-00001.parquet"))]:
         assert final[key] == after[key]
     got60 = records(out)
     assert sorted(got60, key=int) == [str(i) for i in range(60)]
@@ -242,7 +244,7 @@ def test_actor_dying_mid_range_is_retried_exactly_once(teacher, tmp_path, monkey
     np.testing.assert_array_equal(got["15"]["image"], denormalize_image(images[1]).numpy())
 
 
-def test_bad_input(teacher, tmp_path, capsys):
+def test_bad_input(teacher, tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match="count"):
         synth_cfg(teacher, str(tmp_path / "x"), "count=0")
     with pytest.raises(ConfigError, match="teacher"):
@@ -264,10 +266,25 @@ def test_bad_input(teacher, tmp_path, capsys):
         run_synthesize(synth_cfg(teacher, out, "count=4", "rows_per_file=2", "seed=1"))
     with pytest.raises(DataError, match="shrinking"):
         run_synthesize(synth_cfg(teacher, out, "count=3", "rows_per_file=2"))
-    assert main(["synthesize", "--set", f"teacher={teacher['run']}", "--output", out, "--overwrite", "--set", "seed=1",
+    old_set = records(out)
+    old_files = set(shards.open_shard_set(out).files("train"))
+    overwrite = ["synthesize", "--set", f"teacher={teacher['run']}", "--output", out, "--overwrite", "--set", "seed=1",
                  "--set", "count=4", "--set", "rows_per_file=2", "--set", f"steps={STEPS}",
-                 "--set", "tracking.enabled=false", "--json"]) == 0
+                 "--set", "tracking.enabled=false", "--json"]
+    # an overwrite that stops after one range (as if killed): the old set is still the set, whole
+    monkeypatch.setenv("DAKD_SYNTH_FAIL_AFTER_RANGES", "1")
+    assert main(overwrite) != 0
+    monkeypatch.delenv("DAKD_SYNTH_FAIL_AFTER_RANGES")
+    capsys.readouterr()
+    assert records(out).keys() == old_set.keys() and all(
+        np.array_equal(records(out)[i]["image"], old_set[i]["image"]) for i in old_set)
+    assert {r["seed"] for r in records(out).values()} == {sample_seed(0, i) for i in range(4)}
+    # the same command again continues the new set, then swaps it in and removes the old files
+    assert main(overwrite) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["ranges_written"] == [0, 1]
+    assert len(summary["ranges_kept"]) == 1 and sorted(summary["ranges_kept"] + summary["ranges_written"]) == [0, 1]
     assert {r["seed"] for r in records(out).values()} == {sample_seed(1, i) for i in range(4)}
+    new_files = set(shards.open_shard_set(out).files("train"))
+    assert not new_files & old_files and not any(storage.exists(f) for f in old_files)
+    assert set(storage.list_files(os.path.join(out, "data"))) == new_files
     assert main(["synthesize", "--set", "count=-1"]) == 2

@@ -106,7 +106,7 @@ class SynthActor:
         footer = {"range": k, "start": start, "stop": stop, "identity": identity, "class_pixels": class_pixels,
                   "seconds": seconds, "nfe_per_sample": gen["nfe"], "code_version": __version__,
                   "hardware": self.hardware}
-        name = shards.shard_name(shards.SYNTHETIC_SPLIT, k)
+        name = shards.shard_name(shards.SYNTHETIC_SPLIT, k, job["generation"])
         size = shards.write_table(storage.join_uri(job["output"], name),
                                   range_table(ids, gen, identity, job["teacher_location"], footer))
         return {"path": name, "rows": len(ids), "bytes": size, "started_at": started_at,

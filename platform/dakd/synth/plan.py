@@ -5,11 +5,13 @@ dakd.synth.synthesize for the layout and the exactly-once rules).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from dakd import storage
 from dakd.data import shards
@@ -18,7 +20,9 @@ from dakd.errors import ConfigError, DataError, StorageError
 log = logging.getLogger(__name__)
 
 FOOTER_KEY = b"dakd.synth"  # Parquet footer metadata of a range object: its range, identity, class pixels
-_PART = re.compile(r"part-(\d+)\.parquet$")
+# a range object, relative to the output: data/<generation>/train/part-<k>.parquet (data/train/...
+# for sets written before synthetic sets had generations)
+_PART = re.compile(r"^data/(?:([^/]+)/)?" + shards.SYNTHETIC_SPLIT + r"/part-(\d+)\.parquet$")
 
 
 MAX_RANGES = 2_000_000  # objects one synthetic set may hold (the manifest lists each)
@@ -69,13 +73,32 @@ def read_footer(uri: str) -> tuple[int, dict | None]:
     return meta.num_rows, (json.loads(raw) if raw else None)
 
 
-def scan_existing(output: str) -> dict[int, dict]:
-    """{range k: {"uri", "rows", "meta"}} of the part objects already under output/data/train."""
-    found = {}
-    for uri in storage.list_files(storage.join_uri(output, "data", shards.SYNTHETIC_SPLIT)):
-        m = _PART.search(uri)
-        if m and uri.endswith(shards.shard_name(shards.SYNTHETIC_SPLIT, int(m.group(1)))):
-            found[int(m.group(1))] = uri
+def synthetic_generation(identity: dict) -> str:
+    """The generation folder of the synthetic set with `identity` (data/<generation>/train/):
+    a pure function of the identity, so re-running the same command finds and resumes its
+    own objects, and a set of another identity is written beside the old one (a swap)."""
+    digest = hashlib.blake2b(json.dumps(identity, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    return f"syn-{digest}"
+
+
+def scan_parts(output: str) -> tuple[dict[str | None, dict[int, str]], list[str]]:
+    """Range objects under output/data by generation ({generation or None: {k: uri}}), and
+    every other file there (URIs)."""
+    base = storage.join_uri(output, "data")
+    prefix = storage.join_uri(output, "")
+    parts: dict[str | None, dict[int, str]] = {}
+    others = []
+    for uri in storage.list_files(base):
+        m = _PART.match(uri[len(prefix):]) if uri.startswith(prefix) else None
+        if m:
+            parts.setdefault(m.group(1), {})[int(m.group(2))] = uri
+        else:
+            others.append(uri)
+    return parts, others
+
+
+def read_footers(found: dict[int, str]) -> dict[int, dict]:
+    """{range k: {"uri", "rows", "meta"}} of the given range objects (their Parquet footers)."""
     with ThreadPoolExecutor(max_workers=16) as pool:
         footers = dict(zip(found, pool.map(read_footer, found.values())))
     return {k: {"uri": found[k], "rows": footers[k][0], "meta": footers[k][1]} for k in sorted(found)}
@@ -85,12 +108,30 @@ def _refuse_other(output: str, what: str) -> None:
     raise DataError(output, f"{what}; pass --overwrite to replace it, or choose another output")
 
 
-def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bool) -> tuple[list[tuple], dict]:
-    """Refuse or clear a foreign output; returns (ranges to write, existing ranges kept)."""
+@dataclass
+class OutputPlan:
+    """What a synthesis run writes and what it replaces.
+
+    todo: ranges to write; kept: {k: footer entry} of this generation's complete objects;
+    replacing: the output holds another set, which stays readable until the new manifest is
+    written; remove_after: relative paths removed once it is (the old manifest's files and
+    dakd's own range objects of other generations)."""
+
+    generation: str
+    todo: list[tuple]
+    kept: dict
+    replacing: bool = False
+    remove_after: list[str] = field(default_factory=list)
+
+
+def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bool) -> OutputPlan:
+    """Refuse a foreign output (unless overwrite) and plan the run: what is kept, what is
+    written (under this identity's generation), what goes once the new manifest is in."""
+    generation = synthetic_generation(identity)
     manifest = shards.read_manifest(output)
-    other_files = [u for u in storage.list_files(storage.join_uri(output, "data"))
-                   if not u.startswith(storage.join_uri(output, "data", shards.SYNTHETIC_SPLIT) + "/")]
-    existing = scan_existing(output)
+    parts, other_files = scan_parts(output)
+    existing = read_footers(parts.get(generation, {}))
+    elsewhere = {g: read_footers(found) for g, found in parts.items() if g != generation}
     foreign = None
     if manifest is not None and (manifest.get("kind") != "synthetic" or manifest.get("identity") != identity):
         foreign = ("holds a shard set of another kind" if manifest.get("kind") != "synthetic" else
@@ -100,20 +141,19 @@ def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bo
     elif other_files:
         foreign = f"holds shards of other splits ({other_files[0]})"
     else:
-        bad = [k for k, e in existing.items() if (e["meta"] or {}).get("identity") != identity]
+        bad = [e["uri"] for entries in elsewhere.values() for e in entries.values()]
+        bad += [e["uri"] for e in existing.values() if (e["meta"] or {}).get("identity") != identity]
         if bad:
-            foreign = (f"holds objects of another teacher or config ({existing[bad[0]]['uri']}); "
-                       "a synthetic set never mixes them")
+            foreign = f"holds objects of another teacher or config ({bad[0]}); a synthetic set never mixes them"
+    if foreign and not overwrite:
+        _refuse_other(output, foreign)
+    listed = shards.listed_files(manifest) if manifest else []
+    ours = [f"data/{g}/{shards.SYNTHETIC_SPLIT}/part-{k:05d}.parquet" if g else shards.shard_name(shards.SYNTHETIC_SPLIT, k)
+            for g, entries in elsewhere.items() for k, e in entries.items() if e["meta"] is not None]
     if foreign:
-        if not overwrite:
-            _refuse_other(output, foreign)
-        log.info("overwrite: removing the shard set at %s", output)
-        shards.remove_manifest(output)  # first: a failure below never leaves a stale "complete" set
-        # only what dakd wrote: the files the old manifest lists and this job's own part objects
-        # (those with a dakd footer); anything else under data/ (a user's file) stays
-        ours = [shards.shard_name(shards.SYNTHETIC_SPLIT, k) for k, e in existing.items() if e["meta"] is not None]
-        shards.remove_listed(output, (shards.listed_files(manifest) if manifest else []) + ours)
-        existing = {}
+        log.info("overwrite: the new set is written under %s/data/%s; the old one stays until its manifest is "
+                 "replaced", output, generation)
+        existing = {k: e for k, e in existing.items() if (e["meta"] or {}).get("identity") == identity}
     planned = {k: stop - start for k, start, stop in ranges}
     too_many = [k for k, e in existing.items() if k not in planned or e["rows"] > planned[k]]
     if too_many:
@@ -124,4 +164,4 @@ def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bo
                                 "or another output)")
     done = {k: e for k, e in existing.items() if e["rows"] == planned[k]}
     todo = [r for r in ranges if r[0] not in done]
-    return todo, done
+    return OutputPlan(generation, todo, done, replacing=bool(foreign), remove_after=listed + ours)
