@@ -96,7 +96,7 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     assert Image.open(tmp_path / "eval" / files["confusion_matrix"]).size[0] > 100
     assert [f.rsplit("/", 1)[-1] for f in files["overlays"]] == [rec["id"].replace("/", "_") + ".png"]
     overlay = Image.open(tmp_path / "eval" / files["overlays"][0])
-    assert overlay.size == (3 * 1250, 650 + TITLE_HEIGHT)  # titled [image | ground truth | prediction]
+    assert overlay.size == (4 * 1250, 650 + TITLE_HEIGHT)  # titled [image | ground truth | prediction | errors]
 
     import mlflow
 

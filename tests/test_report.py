@@ -20,7 +20,7 @@ from dakd import storage
 from dakd.cli import main
 from dakd.data.classes import OSD_CLASSES, SOS_CLASSES
 from dakd.errors import DataError
-from dakd.eval.figures import TITLE_HEIGHT, display_colors, overlay_panel
+from dakd.eval.figures import TITLE_HEIGHT, display_colors, error_mask, overlay_panel
 from dakd.report import REPORT, build_report, write_report
 
 SECTIONS = ("stages", "data", "training-curves", "synthetic-data", "evaluation")
@@ -34,13 +34,19 @@ def test_overlay_panels_are_titled_and_oil_stands_out_on_speckle():
     pred = np.roll(target, 3, axis=1)
     panel = overlay_panel(image, pred, SOS_CLASSES, target)
     s = 3  # 48 px enlarged to at least 128 px
-    assert panel.shape == (TITLE_HEIGHT + 32 * s, 3 * 48 * s, 3)
+    assert panel.shape == (TITLE_HEIGHT + 32 * s, 4 * 48 * s, 3)
     assert (panel[:TITLE_HEIGHT] < 128).any() and (panel[:TITLE_HEIGHT] == 255).mean() > 0.5  # dark title on white
     oil = display_colors(SOS_CLASSES.colors, 2)[1]
     assert oil.max() - oil.min() >= 200  # SOS oil (white) is drawn in a vivid colour
     truth = panel[TITLE_HEIGHT:, 48 * s:2 * 48 * s].astype(int)
     pix = truth[12 * s, 15 * s]
     assert pix.max() - pix.min() > 100  # saturated where oil is, on any grey level
+    # errors panel: oil shifted right by 3 px -> missed oil on the left edge, false oil on the right
+    errors = panel[TITLE_HEIGHT:, 3 * 48 * s:].astype(int)
+    missed, false = errors[12 * s, 11 * s], errors[12 * s, 31 * s]
+    assert missed[0] > 180 and missed[2] < 100 and false[2] > 180 and false[0] < 100
+    assert (errors[12 * s, 20 * s] == panel[TITLE_HEIGHT + 12 * s, 20 * s]).all()  # right: the image as it is
+    assert error_mask(pred, target).tolist() == np.where((target == 1) & (pred == 0), 1, np.where((pred == 1) & (target == 0), 2, 0)).tolist()
     # OSD's own (saturated) colours are kept
     assert (display_colors(OSD_CLASSES.colors, 5) == np.asarray(OSD_CLASSES.colors)).all()
 

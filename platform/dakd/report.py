@@ -213,7 +213,7 @@ def _eval_section(root: str) -> str:
         for uri in files:
             sid = uri.rsplit("/", 1)[-1][:-4]
             out += (f"<figure>{_img(storage.read_bytes(uri), 'overlay ' + sid, min_width=480)}<figcaption>{_esc(sid)}: "
-                    f"image | ground truth | prediction</figcaption></figure>")
+                    f"image | ground truth | prediction | errors (missed red, false cyan)</figcaption></figure>")
         if not files:
             out += _note("no overlays (evaluate.overlay_count = 0)")
         out += "</div>"

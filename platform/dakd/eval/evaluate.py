@@ -11,7 +11,7 @@ accuracy is pixel accuracy, trace / total.
 Outputs under `output`: metrics.json (confusion matrix, per-class and mean values, and
 `files`: the figures below), table.md (the paper's layouts), and under a fresh
 `<generation>/` folder confusion_matrix.png and overlays/<id>.png ([image | ground truth |
-prediction] for the first `overlay_count` images); the same logged to MLflow. A re-run is a
+prediction | errors] for the first `overlay_count` images); the same logged to MLflow. A re-run is a
 swap: its figures go beside the old ones, metrics.json (one atomic write) then names them,
 and only then are the files the old metrics.json lists removed, so a failed or killed
 re-run leaves the old evaluation whole.

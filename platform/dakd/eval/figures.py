@@ -51,6 +51,8 @@ def sample_grid(images: np.ndarray, masks: np.ndarray, colorize) -> np.ndarray:
 # would vanish on grey speckle: magenta, yellow, orange, lime, cyan.
 VIVID = ((255, 0, 255), (255, 230, 0), (255, 128, 0), (0, 255, 64), (0, 230, 255))
 TITLE_HEIGHT = 20  # px: the title strip above each overlay panel
+MISSED = (255, 40, 40)  # errors panel: a labelled (non-background) pixel predicted as anything else
+FALSE = (0, 200, 255)  # errors panel: background predicted as a class
 MIN_PANEL = 128  # px: smaller images are enlarged (nearest neighbour) so titles and classes stay readable
 
 
@@ -83,11 +85,19 @@ def _titled(panel: np.ndarray, title: str) -> np.ndarray:
     return np.concatenate([np.asarray(strip), panel], axis=0)
 
 
+def error_mask(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(H, W) uint8: 0 right, 1 missed (a labelled pixel predicted as anything else), 2 false
+    (a background pixel predicted as a class). For binary oil: missed oil and false oil."""
+    wrong = pred != target
+    return np.where(wrong & (target != 0), 1, np.where(wrong & (target == 0), 2, 0)).astype(np.uint8)
+
+
 def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, target: np.ndarray | None = None) -> np.ndarray:
-    """Titled panels [image | ground truth over image | prediction over image] (the ground
-    truth only when `target` is given) -> (TITLE_HEIGHT + s*H, k*s*W, 3) uint8, s = the
-    enlargement of images narrower than MIN_PANEL. Class 0 (background) is left uncoloured;
-    others blend 65 % of their display colour (display_colors)."""
+    """Titled panels [image | ground truth over image | prediction over image | errors over
+    image] (ground truth and errors only when `target` is given) -> (TITLE_HEIGHT + s*H,
+    k*s*W, 3) uint8, s = the enlargement of images narrower than MIN_PANEL. Class 0
+    (background) is left uncoloured; others blend 65 % of their display colour
+    (display_colors); errors: missed in red, false in cyan (error_mask)."""
     colors = display_colors(classes.colors, classes.num_classes)
     s = max(1, -(-MIN_PANEL // image.shape[1]))
     up = (lambda a: np.repeat(np.repeat(a, s, axis=0), s, axis=1)) if s > 1 else (lambda a: a)
@@ -96,6 +106,9 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, targ
     if target is not None:
         parts.append(_titled(_blend(image, up(target), colors), "ground truth"))
     parts.append(_titled(_blend(image, pred, colors), "prediction"))
+    if target is not None:
+        errors = np.asarray([(0, 0, 0), MISSED, FALSE], dtype=np.uint8)
+        parts.append(_titled(_blend(image, error_mask(pred, up(target)), errors, alpha=0.8), "errors: missed red, false cyan"))
     return np.concatenate(parts, axis=1)
 
 
