@@ -148,7 +148,7 @@ def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bo
     if foreign and not overwrite:
         _refuse_other(output, foreign)
     listed = shards.listed_files(manifest) if manifest else []
-    ours = [f"data/{g}/{shards.SYNTHETIC_SPLIT}/part-{k:05d}.parquet" if g else shards.shard_name(shards.SYNTHETIC_SPLIT, k)
+    ours = [shards.shard_name(shards.SYNTHETIC_SPLIT, k, g)
             for g, entries in elsewhere.items() for k, e in entries.items() if e["meta"] is not None]
     if foreign:
         log.info("overwrite: the new set is written under %s/data/%s; the old one stays until its manifest is "
