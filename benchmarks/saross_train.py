@@ -1,0 +1,117 @@
+"""SAROSS-Net training throughput on genuine SOS data: `dakd train-saross` on Ray Train with
+one worker against the same optimiser step in a bare process loop (goal: ratio >= 0.90),
+measured side by side in one run. The bare loop is what a user would write by hand: the
+shard set decoded into memory once, a random crop + flips per sample inline, the same model,
+loss (real-only: CE + Dice), AdamW and gradient clipping.
+
+    .venv/bin/python benchmarks/saross_train.py [--root ../shared/data/sos-dev] [--sensor palsar]
+        [--encoder resnet18] [--crop 128] [--batch 16] [--epochs 3] [--steps 60]
+
+Ray Train's figure is the steady-state training samples/s it logs per epoch (the first
+epoch, which includes the feed's first read and decode, is dropped; validation is outside
+the timed part in both). Prints the two rates, their ratio and the machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "platform"))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "sos-dev")
+
+from dakd.config import IngestConfig, TrainSarossConfig, load_config  # noqa: E402
+from dakd.data.ingest import run_ingest  # noqa: E402
+from dakd.data.mosaic import random_crop_flip  # noqa: E402
+from dakd.data.shards import open_shard_set  # noqa: E402
+from dakd.data.transforms import normalize_image  # noqa: E402
+from dakd.models.saross import build_student  # noqa: E402
+from dakd.train.losses import segmentation_loss  # noqa: E402
+from dakd.train.saross import run_train_saross  # noqa: E402
+
+
+def bare_samples_per_s(cfg: TrainSarossConfig, steps: int) -> float:
+    """train-saross's real-only step (same model, loss, optimiser, clipping, batch) in this
+    process; the first quarter of the steps is warm-up."""
+    torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(0)
+    shard_set = open_shard_set(cfg.shards)
+    records = list(shard_set.iter_records(cfg.train_split))
+    model = build_student(cfg.model, shard_set.classes.num_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(0)
+    lc, b, s = cfg.loss, cfg.per_worker_batch, cfg.crop_size
+    model.train()
+    t0 = None
+    for i in range(steps):
+        if i == steps // 4:
+            t0 = time.perf_counter()
+        images, masks = [], []
+        for j in rng.integers(0, len(records), b):
+            rec = records[j]
+            image, mask = random_crop_flip(rec["image"], rec["mask"], s, rng, str(rec["id"]))
+            images.append(normalize_image(image)[None])
+            masks.append(mask)
+        x, y = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)).long()
+        out = segmentation_loss(model(x).float(), y, None, torch.zeros(b, dtype=torch.bool), mode="real-only",
+                                lambda_ce=lc.lambda_ce, lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd,
+                                T=lc.temperature, dice_eps=lc.dice_eps)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    return (steps - steps // 4) * b / (time.perf_counter() - t0)
+
+
+def ray_samples_per_s(cfg: TrainSarossConfig) -> float:
+    """Steady-state training samples/s of `dakd train-saross` (epochs after the first), from its MLflow history."""
+    import mlflow
+
+    summary = run_train_saross(cfg)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    hist = sorted(client.get_metric_history(summary["mlflow_run_id"], "train/samples_per_s"), key=lambda m: m.step)
+    return float(np.mean([m.value for m in hist[1:]]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=DEFAULT_ROOT, help="an SOS root (train/<sensor>/, test/<sensor>/)")
+    ap.add_argument("--sensor", default="palsar", choices=["palsar", "sentinel"])
+    ap.add_argument("--encoder", default="resnet18")
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=3, help="Ray Train epochs (the first is dropped)")
+    ap.add_argument("--steps", type=int, default=60, help="bare-loop steps (the first quarter is dropped)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        real = os.path.join(tmp, "real")
+        run_ingest(load_config(IngestConfig, None, [
+            "source.kind=sos", f"source.root={args.root}", f"source.sensors=[{args.sensor}]",
+            "source.val_fraction=0.15", f"output={real}", "ray.local_num_cpus=4"]))
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        cfg = load_config(TrainSarossConfig, None, [
+            f"shards={real}", f"output={tmp}/runs", "run_name=one", "loss.mode=real-only", "synthetic_share=0",
+            f"model.encoder={args.encoder}", f"crop_size={args.crop}", f"global_batch_size={args.batch}",
+            "num_workers=1", f"epochs={args.epochs}", "overlay_count=0", "keep_checkpoints=1",
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db", "ray.local_num_cpus=4"])
+        train_count = open_shard_set(real).manifest["splits"]["train"]["count"]
+        bare = bare_samples_per_s(cfg, args.steps)
+        one = ray_samples_per_s(cfg)
+    print(f"SAROSS-Net real-only step, SOS {args.sensor} ({train_count} train images), {args.encoder}, "
+          f"crop {args.crop}, batch {args.batch}, cores: {os.cpu_count()}, load (1 min): {os.getloadavg()[0]:.1f}")
+    print(f"bare process loop      : {bare:7.2f} samples/s")
+    print(f"Ray Train, 1 worker    : {one:7.2f} samples/s   ratio to bare {one / bare:5.2f} (goal >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
