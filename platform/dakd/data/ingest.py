@@ -2,8 +2,8 @@
 with Ray Data.
 
 Work is cut into chunks of `rows_per_file` pairs per split; each chunk is one Ray Data
-row, decoded, validated and written by one task to its deterministic shard name, and
-returns its statistics. The driver writes the manifest last, only when every chunk
+row, decoded, validated and written to its deterministic shard name, and returns its
+statistics. The chunks are grouped into two blocks per cluster CPU, one task each. The driver writes the manifest last, only when every chunk
 succeeded (or, with on_error=skip, listing what was skipped).
 
 Every run writes under a fresh generation prefix (data/<generation>/<split>/...), so an
@@ -181,7 +181,10 @@ def _ingest(cfg: IngestConfig, refs: list, problems: list, classes, generation: 
     log.info("ingest: %d pairs in %d chunks -> %s", len(refs), len(chunks), output)
     ray = init_ray(cfg.ray)
     source = dump_config(cfg.source)
-    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+    # A few blocks per CPU, each a run of chunks decoded by one task: a task per chunk spends
+    # more on task start-up than on decoding (benchmarks/ingest.py).
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 2 * cpus)))
     results = ds.map(
         ingest_chunk,
         fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes, "generation": generation},
