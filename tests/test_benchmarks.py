@@ -7,9 +7,12 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the whole GPU check at tiny sizes (about 40 s): CI runs it, test-fast does not
 def test_gpu_benchmark_smoke(ray_local, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "benchmarks", "gpu.py"))
     gpu = importlib.util.module_from_spec(spec)

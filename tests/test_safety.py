@@ -196,6 +196,7 @@ def _files_under(root) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # predict and evaluate twice each (about a minute): CI runs it, test-fast does not
 def test_predict_and_evaluate_overwrite_are_swaps(tiny_student, tmp_path, ray_local, monkeypatch):
     """A failed re-run leaves the old result whole (and nothing of its own); a successful one
     replaces it and removes only the files the old result listed."""
