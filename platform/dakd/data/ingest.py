@@ -3,8 +3,9 @@ with Ray Data.
 
 Work is cut into chunks of `rows_per_file` pairs per split; each chunk is one Ray Data
 row, decoded, validated and written to its deterministic shard name, and returns its
-statistics. The chunks are grouped into two blocks per cluster CPU, one task each. The driver writes the manifest last, only when every chunk
-succeeded (or, with on_error=skip, listing what was skipped).
+statistics; the chunks are grouped into two blocks per cluster CPU, one task each. The
+driver writes the manifest last, only when every chunk succeeded (or, with on_error=skip,
+listing what was skipped).
 
 Every run writes under a fresh generation prefix (data/<generation>/<split>/...), so an
 overwrite is a swap (see data.shards): the old set stays readable until the new manifest
