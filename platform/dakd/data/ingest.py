@@ -175,6 +175,12 @@ def run_ingest(cfg: IngestConfig) -> dict:
         raise
 
 
+def _num_blocks(ray, chunks: int) -> int:
+    """Two blocks of chunks per cluster CPU (at most one per chunk), one task each: a task per
+    chunk spends more on task start-up than on decoding (benchmarks/ingest.py)."""
+    return max(1, min(chunks, 2 * int(ray.cluster_resources().get("CPU", 1))))
+
+
 def _ingest(cfg: IngestConfig, refs: list, problems: list, classes, generation: str, old: dict | None,
             split_of: dict[str, str], val_info: dict | None) -> dict:
     output = cfg.output
@@ -182,10 +188,7 @@ def _ingest(cfg: IngestConfig, refs: list, problems: list, classes, generation: 
     log.info("ingest: %d pairs in %d chunks -> %s", len(refs), len(chunks), output)
     ray = init_ray(cfg.ray)
     source = dump_config(cfg.source)
-    # A few blocks per CPU, each a run of chunks decoded by one task: a task per chunk spends
-    # more on task start-up than on decoding (benchmarks/ingest.py).
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    ds = ray.data.from_items(chunks, override_num_blocks=max(1, min(len(chunks), 2 * cpus)))
+    ds = ray.data.from_items(chunks, override_num_blocks=_num_blocks(ray, len(chunks)))
     results = ds.map(
         ingest_chunk,
         fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes, "generation": generation},
