@@ -163,8 +163,10 @@ def tiny_pipeline(tmp_path_factory, mlflow_server):
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform")}
     for k in ("RAY_ADDRESS", "DAKD_VERBOSE", "MLFLOW_TRACKING_URI", "RAY_DATA_DISABLE_PROGRESS_BARS"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "dakd.cli", *args], capture_output=True, text=True, env=env,
+    # bytes, decoded as they are: text=True would turn each tqdm redraw (\r) into a line of its own
+    proc = subprocess.run([sys.executable, "-m", "dakd.cli", *args], capture_output=True, env=env,
                           timeout=1200, cwd=str(tmp_path_factory.mktemp("cwd")))
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"output": out, "args": args, "stdout": proc.stdout, "stderr": proc.stderr, "summary": summary}

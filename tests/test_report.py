@@ -76,7 +76,7 @@ def _lines(text: str) -> list[str]:
 def test_quiet_output_under_60_lines_ends_with_table_then_json(tiny_run):
     out, stdout, stderr = tiny_run
     lines = _lines(stdout) + _lines(stderr)
-    assert len(lines) < 60, "\n".join(lines)
+    assert len(lines) < 60, "\n".join(_lines(stderr) + ["--- stdout:"] + _lines(stdout))
     summary = json.loads(_lines(stdout)[-1])  # the last stdout line is the summary, nothing after it
     assert summary["ok"] and summary["report"].endswith(REPORT)
     before = _lines(stdout)[:-1]

@@ -133,6 +133,22 @@ def progress_line(desc: str, total: int, unit: str = "step", start: int = 0):
         ray.kill(handle)
 
 
+@contextlib.contextmanager
+def driver_line(desc: str, total: int, unit: str = "image"):
+    """Progress of work counted in the driver itself: one live tqdm line on stderr (a printed
+    line per update with --verbose). Yields `update(done)`, `done` items so far."""
+    if verbose():
+        yield lambda done: print(f"[{desc}] {done}/{total} {unit}s", flush=True)
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, leave=True)
+    try:
+        yield lambda done: bar.update(max(0, min(done, total) - bar.n))
+    finally:
+        bar.close()
+
+
 _current = None  # the handle of the progress line open in this driver (None: none)
 
 

@@ -40,6 +40,7 @@ from dakd.errors import DataError
 from dakd.eval.figures import confusion_png, overlay_panel, png_bytes
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
 from dakd.inference import segment, setup_actor
+from dakd.progress import driver_line
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,14 @@ def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, spl
     cm = np.zeros((c, c), dtype=np.int64)
     overlays: dict[str, bytes] = {}
     n = 0
-    for row in out.iter_rows():
-        cm += np.frombuffer(row["cm"], dtype=np.int64).reshape(c, c)
-        if row["overlay"]:
-            overlays[str(row["id"])] = row["overlay"]
-        n += 1
-        if n % 20 == 0:
-            print(f"[evaluate] {n} images", flush=True)
+    total = sum(int(f["rows"]) for f in shard_set.manifest["splits"][split]["files"])
+    with driver_line(f"evaluate {split}", total) as update:
+        for row in out.iter_rows():
+            cm += np.frombuffer(row["cm"], dtype=np.int64).reshape(c, c)
+            if row["overlay"]:
+                overlays[str(row["id"])] = row["overlay"]
+            n += 1
+            update(n)
     if n == 0:
         raise DataError(shards, f"split {split!r} holds no images")
     metrics = segmentation_metrics(cm, classes.names)

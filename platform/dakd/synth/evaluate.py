@@ -20,6 +20,7 @@ import numpy as np
 from dakd.config import EvaluateSynthesisConfig, dump_config
 from dakd.data import shards
 from dakd.errors import DataError
+from dakd.progress import driver_line
 from dakd.synth.fid import ISAccumulator, RunningStats, frechet_distance, load_inception, make_extractor
 
 
@@ -127,21 +128,26 @@ def featurise(cfg: EvaluateSynthesisConfig, ds, total: int) -> tuple[dict, ISAcc
     RunningStats}, Inception Score accumulator, whether the extractor gives class probabilities)."""
     stats = {"synthetic": RunningStats(), "real": RunningStats()}
     is_acc, has_probs = ISAccumulator(cfg.is_splits), None
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for which in ("synthetic", "real"):
+    with driver_line(f"evaluate-synthesis ({cfg.features})", total) as update:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            _accumulate(cfg, batch, stats, is_acc)
+            has_probs = batch["probs"].shape[1] > 1  # width 1: the extractor gives no class probabilities
+            update(stats["synthetic"].n + stats["real"].n)
+    return stats, is_acc, has_probs
+
+
+def _accumulate(cfg: EvaluateSynthesisConfig, batch: dict, stats: dict, is_acc: ISAccumulator) -> None:
+    """Add one batch of features (and class probabilities) to the running statistics."""
+    for which in ("synthetic", "real"):
             sel = batch["set"] == which
             if not sel.any():
                 continue
             stats[which].update(batch["features"][sel])
             if which == "synthetic":
                 probs = batch["probs"][sel]
-                has_probs = probs.shape[1] > 1
-                if has_probs:
+                if probs.shape[1] > 1:
                     split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
                     is_acc.update(probs, split)
-        done = stats["synthetic"].n + stats["real"].n
-        print(f"[evaluate-synthesis] {done}/{total} images featurised ({cfg.features})", flush=True)
-    return stats, is_acc, has_probs
 
 
 def log_run(logger, cfg: EvaluateSynthesisConfig, result: dict) -> None:
