@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,8 +34,10 @@ from dakd import __version__, storage
 from dakd.config import TrackingConfig
 from dakd.data.classes import ClassTable, class_table_from_dict
 from dakd.errors import ConfigError, DataError
-from dakd.models.jointnet import JointNet
-from dakd.models.saross import SAROSSNet, build_student
+
+if TYPE_CHECKING:  # imported where a model is built: diffusers alone costs seconds in every Ray worker
+    from dakd.models.jointnet import JointNet
+    from dakd.models.saross import SAROSSNet
 
 MAX_CHANNELS = 8192  # widest layer any checkpoint may declare
 MAX_CLASSES = 1024
@@ -194,6 +197,8 @@ def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
     state = read_state(location)
     if state.get("kind") != TEACHER_KIND:
         raise ConfigError(f"{location}: not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
+    from dakd.models.jointnet import JointNet
+
     model = JointNet.from_arch(state["arch"])
     use_ema = ema and storage.exists(storage.join_uri(location, EMA_FILE))
     load_state_into(model, location, ema=use_ema)
@@ -209,6 +214,8 @@ def load_student(uri: str) -> tuple[SAROSSNet, dict]:
     if state.get("kind") != STUDENT_KIND:
         raise ConfigError(f"{location}: not a SAROSS-Net checkpoint (kind {state.get('kind')!r}, expected {STUDENT_KIND!r})")
     arch = state["arch"]
+    from dakd.models.saross import build_student
+
     model = build_student(arch, arch["num_classes"], arch["in_chans"], pretrained=False)
     load_state_into(model, location)
     state["location"] = location
