@@ -139,15 +139,15 @@ def featurise(cfg: EvaluateSynthesisConfig, ds, total: int) -> tuple[dict, ISAcc
 def _accumulate(cfg: EvaluateSynthesisConfig, batch: dict, stats: dict, is_acc: ISAccumulator) -> None:
     """Add one batch of features (and class probabilities) to the running statistics."""
     for which in ("synthetic", "real"):
-            sel = batch["set"] == which
-            if not sel.any():
-                continue
-            stats[which].update(batch["features"][sel])
-            if which == "synthetic":
-                probs = batch["probs"][sel]
-                if probs.shape[1] > 1:
-                    split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
-                    is_acc.update(probs, split)
+        sel = batch["set"] == which
+        if not sel.any():
+            continue
+        stats[which].update(batch["features"][sel])
+        if which == "synthetic":
+            probs = batch["probs"][sel]
+            if probs.shape[1] > 1:
+                split = np.asarray([zlib.crc32(str(i).encode()) % cfg.is_splits for i in batch["id"][sel]])
+                is_acc.update(probs, split)
 
 
 def log_run(logger, cfg: EvaluateSynthesisConfig, result: dict) -> None:
