@@ -90,6 +90,14 @@ def report(handle, done: int, note: str = "") -> None:
         handle.set.remote(int(done), note)
 
 
+def _bar(desc: str, total: int, unit: str, start: int = 0):
+    """The one live progress line's look: tqdm on stderr, redrawn at most once a second."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0, leave=True)
+
+
 @contextlib.contextmanager
 def progress_line(desc: str, total: int, unit: str = "step", start: int = 0):
     """One live tqdm line on stderr (done/total, rate, time left) fed by Ray workers through
@@ -99,13 +107,11 @@ def progress_line(desc: str, total: int, unit: str = "step", start: int = 0):
         yield None
         return
     import ray
-    from tqdm import tqdm
 
     global _current
     handle = _counter_class().remote()
     _current = handle
-    bar = tqdm(total=total, initial=start, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               mininterval=1.0, leave=True)
+    bar = _bar(desc, total, unit, start)
     stop = threading.Event()
 
     def poll() -> None:
@@ -140,9 +146,7 @@ def driver_line(desc: str, total: int, unit: str = "image"):
     if verbose():
         yield lambda done: print(f"[{desc}] {done}/{total} {unit}s", flush=True)
         return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0, leave=True)
+    bar = _bar(desc, total, unit)
     try:
         yield lambda done: bar.update(max(0, min(done, total) - bar.n))
     finally:

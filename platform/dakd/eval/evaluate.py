@@ -100,8 +100,7 @@ def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, spl
     cm = np.zeros((c, c), dtype=np.int64)
     overlays: dict[str, bytes] = {}
     n = 0
-    total = sum(int(f["rows"]) for f in shard_set.manifest["splits"][split]["files"])
-    with driver_line(f"evaluate {split}", total) as update:
+    with driver_line(f"evaluate {split}", shard_set.manifest["splits"][split]["count"]) as update:
         for row in out.iter_rows():
             cm += np.frombuffer(row["cm"], dtype=np.int64).reshape(c, c)
             if row["overlay"]:
