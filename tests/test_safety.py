@@ -261,9 +261,8 @@ def test_predict_and_evaluate_overwrite_are_swaps(tiny_student, tmp_path, ray_lo
     assert _files_under(ev) == {"metrics.json", "table.md", again["files"]["confusion_matrix"], *again["files"]["overlays"]}
 
 
-def test_tiled_segmentation_matches_whole_and_bounded_memory(tiny_student, tmp_path):
-    """Tiles give the whole-image answer away from tile borders, and a 6000x6000 scene is
-    predicted (decode, tiled segmentation, mask PNG) within 2 GB of peak RSS in a fresh process."""
+def test_tiled_segmentation_matches_whole(tiny_student):
+    """Tiles give the whole-image answer away from tile borders."""
     from dakd.checkpoints import load_student
     from dakd.inference import segment
 
@@ -273,6 +272,11 @@ def test_tiled_segmentation_matches_whole_and_bounded_memory(tiny_student, tmp_p
     tiled = segment(model, img, tile=64, overlap=16)
     assert tiled.shape == whole.shape and (tiled == whole).mean() > 0.5  # same model, tiles see less context
 
+
+@pytest.mark.slow
+def test_large_scene_predicted_within_bounded_memory(tmp_path):
+    """A 6000x6000 scene is predicted (decode, tiled segmentation, mask PNG) within 2 GB of
+    peak RSS in a fresh process."""
     from PIL import Image
 
     scene = tmp_path / "big.png"
@@ -303,37 +307,52 @@ print(json.dumps({{"h": h, "w": w, "pixels": int(counts.sum()), "peak_mb": peak_
 
 
 # ---------------------------------------------------------------- 3. credentials and buckets
-def test_password_in_tracking_uri_never_leaves_the_process(tiny_student, tmp_path, capsys, ray_local, mlflow_server):
+SECRET = "S3cr3t-PW"
+
+
+def evaluate_args(tiny_student, tmp_path, tracked: str) -> list[str]:
+    return ["evaluate", "--set", f"checkpoint={tiny_student}", "--set", f"shards={tmp_path / 'real'}", "--output",
+            str(tmp_path / "ev"), "--set", f"tracking.uri={tracked}", "--set", "tracking.experiment=redact-test",
+            "--set", "overlay_count=0"]
+
+
+def test_password_in_tracking_uri_is_redacted_in_config_and_errors(tiny_student, tmp_path, capsys, ray_local):
+    from dakd.redact import redact
+
+    assert redact("http://alice:PW@host/x?token=abc&b=1") == "http://alice:***@host/x?token=***&b=1"
+    dead = f"http://alice:{SECRET}@127.0.0.1:9/"  # nothing listens on port 9: the job fails, naming the server
+    run_ingest(IngestConfig(source=SOURCE, output=str(tmp_path / "real")))
+    args = evaluate_args(tiny_student, tmp_path, dead)
+    assert main([*args, "--print-config"]) == 0
+    assert main([*args, "--json"]) == 2
+    assert main(["evaluate", "--set", f"tracking.uri={dead}", "--set", "tracking.enabled=maybe"]) == 2  # config error
+    seen = capsys.readouterr()
+    assert "alice:***@" in seen.out and "alice:***@" in seen.err and SECRET not in seen.out + seen.err
+
+
+@pytest.mark.slow
+def test_password_in_tracking_uri_never_leaves_the_job(tiny_student, tmp_path, ray_local, mlflow_server):
+    """The whole job as a user runs it: every line it prints (stdout, stderr, logs), and the
+    params and tags it logs."""
     import mlflow
 
     from dakd.redact import redact
 
-    assert redact("http://alice:PW@host/x?token=abc&b=1") == "http://alice:***@host/x?token=***&b=1"
-    secret = "S3cr3t-PW"
-    tracked = mlflow_server.replace("http://", f"http://alice:{secret}@")  # the server ignores the credentials
-    real = str(tmp_path / "real")
-    run_ingest(IngestConfig(source=SOURCE, output=real))
-    args = ["evaluate", "--set", f"checkpoint={tiny_student}", "--set", f"shards={real}", "--output", str(tmp_path / "ev"),
-            "--set", f"tracking.uri={tracked}", "--set", "tracking.experiment=redact-test", "--set", "overlay_count=0"]
-    # the whole job as a user runs it: every line it prints (stdout, stderr, logs) is checked
+    tracked = mlflow_server.replace("http://", f"http://alice:{SECRET}@")  # the server ignores the credentials
+    run_ingest(IngestConfig(source=SOURCE, output=str(tmp_path / "real")))
+    args = evaluate_args(tiny_student, tmp_path, tracked)
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "platform"),
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     job = subprocess.run([sys.executable, "-m", "dakd.cli", *args, "--json"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert job.returncode == 0, redact(job.stderr[-3000:])
-    assert secret not in job.stdout + job.stderr
-    assert main([*args, "--print-config"]) == 0
-    dead = f"http://alice:{secret}@127.0.0.1:9/"  # nothing listens on port 9: the job fails, naming the server
-    assert main([*args, "--set", f"tracking.uri={dead}", "--json"]) == 2
-    assert main(["evaluate", "--set", f"tracking.uri={dead}", "--set", "tracking.enabled=maybe"]) == 2  # config error
-    seen = capsys.readouterr()
-    assert "alice:***@" in seen.out and "alice:***@" in seen.err and secret not in seen.out + seen.err
+    assert SECRET not in job.stdout + job.stderr
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("redact-test").experiment_id])
     assert runs
     for run in runs:
-        assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+        assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
         assert run.data.params["tracking.uri"] == redact(tracked)
 
 

@@ -17,7 +17,7 @@ from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError, TrainingError
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_teacher
-from dakd.train.jointnet import run_train_jointnet
+from dakd.train.jointnet import build_model, run_train_jointnet
 
 TINY = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
@@ -112,16 +112,21 @@ def test_bad_input_is_refused_before_training(real_shards, tmp_path):
     run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"train": 4}, height=32, width=32)), output=nob))
     with pytest.raises(ConfigError, match="balance"):
         run_train_jointnet(tiny_config(nob, out, "tracking.enabled=false"))
-    # a checkpoint of another architecture
-    first = run_train_jointnet(tiny_config(real_shards, out, "run_stages=[1]", "stages.stage1={iterations: 2, lr: 0.001}",
-                                           "tracking.enabled=false"))
+    # a checkpoint of another architecture: a stage-1 checkpoint as train-jointnet writes it (the
+    # checks read its state.json and weights before any training, so it need not be trained)
+    first = str(tmp_path / "stage1" / "checkpoint_000")
+    cfg = tiny_config(real_shards, out)
+    model = build_model(cfg, 5)
+    ckpt_io.save_checkpoint(first, model.state_dict(), {"kind": ckpt_io.TEACHER_KIND, "step": 6, "stage": 1,
+                                                        "stages_completed": [1], "arch": model.arch_dict(), "b": 0.5})
     with pytest.raises(ConfigError, match="block_out_channels"):
-        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[2]", f"init_checkpoint={first['checkpoint']}",
+        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[2]", f"init_checkpoint={first}",
                                        "model.block_out_channels=[8, 24]", "run_name=other", "tracking.enabled=false"))
     # a checkpoint that has not completed the stages before the one asked for
     with pytest.raises(ConfigError, match="stages \\[1, 2\\]"):
-        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[3]", f"init_checkpoint={first['checkpoint']}",
+        run_train_jointnet(tiny_config(real_shards, out, "run_stages=[3]", f"init_checkpoint={first}",
                                        "run_name=other", "tracking.enabled=false"))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
@@ -142,7 +147,9 @@ def test_nonfinite_loss_stops_and_names_the_step(real_shards, tmp_path):
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_cli_sample_grid(real_shards, tmp_path, capsys):
+    """End to end through the CLI: train stages 1-2, then `dakd sample` a grid from the run."""
     out = str(tmp_path / "runs")
     assert main(["train-jointnet", "--output", out, *sum([["--set", s] for s in TINY], []), "--set", f"shards={real_shards}",
                  "--set", "run_stages=[1, 2]", "--set", "stages.stage2={iterations: 2, lr: 0.001}",
