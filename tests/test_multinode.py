@@ -14,7 +14,8 @@ one fits on each node (training must use both) and one head CPU stays free for t
 
 Faults (issue "From laptop to cluster"): (a) a worker node lost during training, (b) a
 synthesis job stopped mid-way and resubmitted, (c) the MLflow server down at the start and
-down mid-run, (d) the S3 endpoint down at the start, (e) the same run submitted twice at once.
+down mid-run, (d) the S3 endpoint down at the start, (e) the same run submitted twice at once
+((e) and the second half of (c) share one training job).
 """
 
 from __future__ import annotations
@@ -427,12 +428,10 @@ def test_synthesis_job_stopped_and_resubmitted_writes_every_id_once(stack, pipel
     assert sorted(ids) == list(range(30))  # every id exactly once
 
 
-def test_mlflow_down_mid_run_the_run_completes_and_reports_what_was_not_logged(stack, pipeline_run, tmp_path):
-    """(c, second half) The tracking server dies while a training job runs: training goes on to
-    its last step, and the job reports how many MLflow calls were not logged."""
+def start_mlflow_server(tmp_path) -> tuple[subprocess.Popen, str]:
+    """An MLflow server of the test's own (sqlite, local artifacts) that the test can kill; waits
+    until it answers. Returns (process, URI)."""
     import mlflow
-
-    from dakd.checkpoints import read_state
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -441,83 +440,82 @@ def test_mlflow_down_mid_run_the_run_completes_and_reports_what_was_not_logged(s
                                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)  # its own process group: the server and its workers
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-                time.sleep(0.5)
-        real = pipeline_run[1]["stages"]["ingest"]["output"]
-        out = f"{PREFIX}/mlflow-mid"
-        stack["outputs"].append(out)
-        rc, sub_id, text = submit(stack, [
-            "python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
-            "--set", "run_stages=[1]", "--set", "stages={stage1: {iterations: 40, lr: 0.003}}", "--set", "log_every=10",
-            "--set", "checkpoint_every=20", "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=mid-run",
-            "--json"], wait=False)
-        assert rc == 0, text[-3000:]
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        while True:  # the first metrics are on the server: the run is under way
-            exp = client.get_experiment_by_name("mid-run")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
-                break
-            assert time.time() < deadline + 240, "no metrics logged"
-            time.sleep(0.2)
-        logged_before = len(client.get_metric_history(runs[0].info.run_id, "train/loss"))
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)  # every process of the server, at once
-        server.wait()
-    print("MLflow server killed; waiting for the job", flush=True)
-    from ray.job_submission import JobStatus
-
-    assert wait_for_job(stack, sub_id) == JobStatus.SUCCEEDED, job_client(stack).get_job_logs(sub_id)[-5000:]
-    logs = job_client(stack).get_job_logs(sub_id)
-    summary = last_json(logs)
-    assert summary["steps"] == 40 and read_state(summary["checkpoint"])["step"] == 40
-    assert logged_before < 4 and summary["tracking_failures"] >= 1  # the later metrics and the run's end
-    assert f"{summary['tracking_failures']} MLflow call(s) failed and were not logged" in logs
+    deadline = time.time() + 120
+    while True:
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return server, uri
+        except Exception:  # noqa: BLE001 - not up yet
+            if server.poll() is not None or time.time() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise AssertionError((tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
 
 
-def test_same_run_submitted_twice_at_once_the_second_refuses(stack, pipeline_run):
-    """(e) Two jobs for the same run: while the first holds it, the second refuses before it
-    writes anything, naming the first; the first completes with an intact checkpoint."""
+def test_same_run_twice_refused_then_mlflow_down_mid_run_the_first_completes(stack, pipeline_run, tmp_path):
+    """Two faults on one training job (one job's start-up instead of two):
+    (e) two jobs for the same run: while the first holds it, the second refuses before it writes
+    anything (no checkpoint, no MLflow run), naming the first;
+    (c, second half) then the tracking server dies while the first runs: training goes on to its
+    last step with an intact checkpoint, and the job reports how many MLflow calls were not logged."""
+    import mlflow
     from ray.job_submission import JobStatus
     from ray.util.state import list_actors
 
     from dakd.runtime import LOCK_NAMESPACE
     from dakd import checkpoints as ckpt_io
 
-    real = pipeline_run[1]["stages"]["ingest"]["output"]
-    out = f"{PREFIX}/twice"
-    stack["outputs"].append(out)
-    command = ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
-               "--set", "run_name=same", "--set", "run_stages=[1]", "--set", "stages={stage1: {iterations: 200, lr: 0.003}}",
-               "--set", "checkpoint_every=100", "--set", "log_every=50", "--set", "tracking.enabled=false", "--json"]
-    rc, first, text = submit(stack, command, wait=False)
-    assert rc == 0, text[-3000:]
-    client, deadline = job_client(stack), time.time() + 180
-    while not [a for a in list_actors(address=stack["url"], filters=[("ray_namespace", "=", LOCK_NAMESPACE),
-                                                                      ("state", "=", "ALIVE")], raise_on_missing_output=False)
-               if a.job_id == client.get_job_info(first).job_id]:
-        assert client.get_job_status(first) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(first)[-3000:]
-        assert time.time() < deadline, "the first job never took the run"
-        time.sleep(0.3)
-    rc, second, text = submit(stack, command)
-    assert client.get_job_status(first) == JobStatus.RUNNING, "the first job ended before the second was refused"
-    assert rc != 0
-    refusal = last_json(text)
-    assert refusal["ok"] is False and f"{out}/same is being written by another train-jointnet job (submission {first}" in refusal["error"]
-    assert "Traceback" not in text
+    server, uri = start_mlflow_server(tmp_path)
+    try:
+        real = pipeline_run[1]["stages"]["ingest"]["output"]
+        out = f"{PREFIX}/twice"
+        stack["outputs"].append(out)
+        steps = 200
+        command = ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
+                   "--set", "run_name=same", "--set", "run_stages=[1]",
+                   "--set", f"stages={{stage1: {{iterations: {steps}, lr: 0.003}}}}", "--set", "checkpoint_every=100",
+                   "--set", "log_every=10", "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=mid-run",
+                   "--json"]
+        rc, first, text = submit(stack, command, wait=False)
+        assert rc == 0, text[-3000:]
+        client, deadline = job_client(stack), time.time() + 180
+        while not [a for a in list_actors(address=stack["url"], filters=[("ray_namespace", "=", LOCK_NAMESPACE),
+                                                                          ("state", "=", "ALIVE")], raise_on_missing_output=False)
+                   if a.job_id == client.get_job_info(first).job_id]:
+            assert client.get_job_status(first) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(first)[-3000:]
+            assert time.time() < deadline, "the first job never took the run"
+            time.sleep(0.3)
+        rc, second, text = submit(stack, command)
+        assert client.get_job_status(first) == JobStatus.RUNNING, "the first job ended before the second was refused"
+        assert rc != 0
+        refusal = last_json(text)
+        assert refusal["ok"] is False and f"{out}/same is being written by another train-jointnet job (submission {first}" in refusal["error"]
+        assert "Traceback" not in text
+
+        tracked = mlflow.MlflowClient(tracking_uri=uri)
+        while True:  # the first metrics are on the server: the run is under way
+            exp = tracked.get_experiment_by_name("mid-run")
+            runs = tracked.search_runs([exp.experiment_id]) if exp else []
+            if runs and tracked.get_metric_history(runs[0].info.run_id, "train/loss"):
+                break
+            assert time.time() < deadline + 240, "no metrics logged"
+            time.sleep(0.2)
+        assert len(runs) == 1  # the refused job created no MLflow run
+        logged_before = len(tracked.get_metric_history(runs[0].info.run_id, "train/loss"))
+        assert client.get_job_status(first) == JobStatus.RUNNING, "the first job ended before the server was killed"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # every process of the server, at once
+        server.wait()
+    print("MLflow server killed; waiting for the first job", flush=True)
     assert wait_for_job(stack, first) == JobStatus.SUCCEEDED, client.get_job_logs(first)[-5000:]
-    summary = last_json(client.get_job_logs(first))
+    logs = client.get_job_logs(first)
+    summary = last_json(logs)
     state = ckpt_io.read_state(summary["checkpoint"])
-    assert state["step"] == 200 and summary["steps"] == 200
+    assert state["step"] == steps and summary["steps"] == steps
     weights = ckpt_io.load_weights(summary["checkpoint"])  # the checkpoint loads whole
     assert weights and all(t.isfinite().all() for t in weights.values())
+    assert logged_before < steps // 10 and summary["tracking_failures"] >= 1  # the later metrics and the run's end
+    assert f"{summary['tracking_failures']} MLflow call(s) failed and were not logged" in logs
 
 
 def test_no_output_contains_the_secret(stack, pipeline_run):
