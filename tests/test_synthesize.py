@@ -169,9 +169,21 @@ def test_forty_to_s3_kill_resume_and_grow(teacher, s3_uri, monkeypatch, mlflow_s
     assert client.get_run(summary["mlflow_run_id"]).data.metrics["synthesis/count"] == 40
 
     # grow 40 -> 60: ranges 0, 1 untouched; range 2 (ids 32..39) is re-run as ids 32..47 (its
-    # old ids regenerate identically: the same fixed batches [30, 35), [35, 40)); range 3 is new
+    # old ids regenerate identically: the same fixed batches [30, 35), [35, 40)); range 3 is new.
+    # A growth killed after one range leaves the set readable as its complete ranges (ids 0..31).
+    monkeypatch.setenv("DAKD_SYNTH_FAIL_AFTER_RANGES", "1")
+    with pytest.raises(SynthesisError, match="re-run the same command"):
+        run_synthesize(cfg.model_copy(update={"count": 60}))
+    monkeypatch.delenv("DAKD_SYNTH_FAIL_AFTER_RANGES")
+    interim = shards.open_shard_set(out)
+    assert interim.manifest["count"] == 32 and [f["rows"] for f in interim.manifest["splits"]["train"]["files"]] == [16, 16]
+    got32 = records(out)
+    assert sorted(got32, key=int) == [str(i) for i in range(32)]
+    np.testing.assert_array_equal(got32["31"]["logits"], got["31"]["logits"])
     grown = run_synthesize(cfg.model_copy(update={"count": 60}))
-    assert grown["ranges_written"] == [2, 3] and grown["ranges_kept"] == [0, 1] and grown["generated"] == 16 + 12
+    rows = {2: 16, 3: 12}
+    assert sorted(grown["ranges_kept"] + grown["ranges_written"]) == [0, 1, 2, 3] and {0, 1} <= set(grown["ranges_kept"])
+    assert len(grown["ranges_written"]) == 1 and grown["generated"] == rows[grown["ranges_written"][0]]  # one was written before the kill
     final = s3_objects(out)
     for key in [k for k in after if k.endswith(("/train/part-00000.parquet", "/train/part-00001.parquet"))]:
         assert final[key] == after[key]

@@ -23,6 +23,7 @@ re-run lists the output, keeps every range whose object has the expected row cou
 same identity, and writes only the others; the manifest (kind "synthetic") is written last.
 Growing N rewrites the last, partial range of the smaller run in full (its old ids come out
 identical, the new ids are appended) and writes the new ranges; nothing else is touched.
+While it grows, the manifest lists only the complete ranges (keep_readable_while_growing).
 Shrinking N is refused (the output would hold ids >= N). An output made by another teacher
 or config (different identity) is refused unless ``overwrite``; an overwrite is a swap: the
 new set is written under its own generation beside the old one, which stays readable until
@@ -223,8 +224,8 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     timing = {"seconds": 0.0, "samples_per_s": None, "steady_samples_per_s": None}
     new_stats: list[dict] = []
     if todo:
-        if not plan.replacing:  # this set grows or resumes: incomplete until the manifest is rewritten
-            shards.remove_manifest(output)
+        if not plan.replacing:  # this set grows or resumes
+            keep_readable_while_growing(cfg, info, plan, ranges)
         done_rows = sum(stop - start for k, start, stop in ranges if k in kept)
         new_stats, timing = run_ranges(cfg, todo, job, cfg.count, done_rows)
 
@@ -252,6 +253,31 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
             "class_share": manifest["splits"][shards.SYNTHETIC_SPLIT]["class_share"], "classes": list(classes.names),
             "contact_sheet": storage.join_uri(output, CONTACT_SHEET) if sheet is not None else None,
             "mlflow_run_id": run.run_id, "seconds": time.perf_counter() - t_start}
+
+
+def keep_readable_while_growing(cfg: SynthesizeConfig, info: dict, plan: OutputPlan, ranges) -> None:
+    """Before a run adds to this set: ranges its manifest lists that the run rewrites (a grown
+    set's partial last range, re-run with more ids) leave the manifest first, so until the new
+    manifest is written the set reads as its complete ranges, and a killed growth leaves those
+    readable. New ranges need nothing: readers see only the files a manifest lists."""
+    manifest = shards.read_manifest(cfg.output)
+    if manifest is None:
+        return
+    listed = set(shards.listed_files(manifest))
+    path = {k: shards.shard_name(shards.SYNTHETIC_SPLIT, k, plan.generation) for k, _, _ in ranges}
+    if not any(path[k] in listed for k, _, _ in plan.todo):
+        return
+    complete = [r for r in ranges if r[0] in plan.kept and path[r[0]] in listed]
+    if not complete:  # the set was one partial range: nothing readable to keep
+        shards.remove_manifest(cfg.output)
+        return
+    files, class_pixels, nfe, hardware = collect_ranges(cfg.output, plan.generation, complete,
+                                                        {k: plan.kept[k] for k, _, _ in complete}, [],
+                                                        info["classes"].num_classes)
+    count = sum(stop - start for _, start, stop in complete)
+    interim = build_manifest(cfg.model_copy(update={"count": count}), info, files, class_pixels, nfe, hardware,
+                             bool(manifest.get("contact_sheet")), manifest.get("last_run") or {})
+    shards.write_manifest(cfg.output, interim)
 
 
 def build_manifest(cfg: SynthesizeConfig, info: dict, files: list[dict], class_pixels: np.ndarray, nfe, hardware: list,
