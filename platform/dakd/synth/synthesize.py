@@ -264,10 +264,13 @@ def keep_readable_while_growing(cfg: SynthesizeConfig, info: dict, plan: OutputP
     if manifest is None:
         return
     listed = set(shards.listed_files(manifest))
-    path = {k: shards.shard_name(shards.SYNTHETIC_SPLIT, k, plan.generation) for k, _, _ in ranges}
-    if not any(path[k] in listed for k, _, _ in plan.todo):
+
+    def is_listed(k: int) -> bool:
+        return shards.shard_name(shards.SYNTHETIC_SPLIT, k, plan.generation) in listed
+
+    if not any(is_listed(k) for k, _, _ in plan.todo):
         return
-    complete = [r for r in ranges if r[0] in plan.kept and path[r[0]] in listed]
+    complete = [r for r in ranges if r[0] in plan.kept and is_listed(r[0])]
     if not complete:  # the set was one partial range: nothing readable to keep
         shards.remove_manifest(cfg.output)
         return

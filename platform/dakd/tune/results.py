@@ -121,7 +121,9 @@ def best_configs(cfg: TuneConfig, dims: list[Dimension], best: dict, sweep_uri: 
 
 def finish_child_runs(uri: str, experiment: str, rows: list[dict], sweep_uri: str) -> None:
     """Close the trials' student runs that the sweep stopped (KILLED) or that errored (FAILED),
-    and tag every one with its trial's status."""
+    and tag every one with its trial's status. A stopped trial's run is KILLED however the stop
+    reached it: killed with its actor (the run is left RUNNING) or interrupted inside the job
+    (the job's own handler ended it FAILED)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -133,5 +135,7 @@ def finish_child_runs(uri: str, experiment: str, rows: list[dict], sweep_uri: st
             continue
         run = found[0]
         client.set_tag(run.info.run_id, "dakd.tune.status", row["status"])
-        if run.info.status == "RUNNING" and row["status"] != "completed":
-            client.set_terminated(run.info.run_id, status="KILLED" if row["status"] == "stopped early" else "FAILED")
+        if row["status"] == "stopped early" and run.info.status in ("RUNNING", "FAILED"):
+            client.set_terminated(run.info.run_id, status="KILLED")
+        elif row["status"] == "error" and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED")
