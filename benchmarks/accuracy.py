@@ -9,7 +9,11 @@ all-background, and the best global threshold on box-smoothed intensity (box and
 threshold chosen on val). The test folder selects nothing.
 
     .venv/bin/python benchmarks/accuracy.py [--root ../shared/data/sos-dev] [--sensors palsar sentinel]
-        [--output runs/accuracy] [--set saross.epochs=12 ...] [--smoke]
+        [--output runs/accuracy] [--set saross.epochs=12 ...] [--variants soft-kd-hard soft-share25] [--smoke]
+
+`--variants` adds students that differ from DAKD soft in one recipe choice, on the same
+teacher, synthetic set and optimiser steps; each row shows its mIoU on val beside its test
+figures, and the report names the soft recipe val prefers. Only val chooses.
 
 Prints one table per sensor (mIoU / F1 / precision / recall on test, %, the paper's figures
 beside) with the wall time per stage and the machine load; writes <output>/accuracy.json.
@@ -31,6 +35,17 @@ DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "sos-dev")
 # PAPER.md, SAROSS-Net + DAKD (mIoU, F1, precision, recall), on the original SOS test split
 PAPER = {"palsar": (86.30, 92.23, 92.18, 92.28), "sentinel": (87.25, 93.05, 92.88, 93.24)}
 
+# Recipe choices for DAKD soft, made on val: name -> (row label, TrainSarossConfig changes given
+# the preset's saross config). Each keeps the optimiser steps of the preset's students.
+VARIANTS = {
+    "soft-kd-hard": ("DAKD (soft: KD + CE/Dice on the teacher's argmax)",
+                     lambda s: {"loss": {"soft_synthetic": "kd+hard"}}),
+    # a quarter synthetic: R / 0.75 samples per epoch, so 1.5x the epochs for the same steps
+    "soft-share25": ("DAKD (soft, 25% synthetic)",
+                     lambda s: {"synthetic_share": 0.25,
+                                "epochs": max(1, round(s.epochs * 0.75 / (1 - s.synthetic_share)))}),
+}
+
 SMOKE = ["jointnet.stages.stage1={iterations: 4, lr: 0.001}", "jointnet.stages.stage2={iterations: 4, lr: 0.001}",
          "jointnet.stages.stage3={iterations: 2, lr: 0.001}", "jointnet.checkpoint_every=5", "jointnet.log_every=5",
          "jointnet.batch_size_per_worker=4", "synthesize.count=16", "synthesize.steps=2", "synthesize.rows_per_file=8",
@@ -39,13 +54,15 @@ SMOKE = ["jointnet.stages.stage1={iterations: 4, lr: 0.001}", "jointnet.stages.s
          "saross.synthetic_share=0.05", "saross.overlay_count=0", "evaluate.overlay_count=0"]
 
 
-def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list[str], tracking: bool) -> dict:
-    """The recipe for one sensor; returns {"rows": {name: metrics+training}, "wall_s": {stage: s}, ...}."""
+def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list[str], tracking: bool,
+               variants: list[str] = ()) -> dict:
+    """The recipe for one sensor; returns {"rows": {name: metrics+training}, "wall_s": {stage: s},
+    "soft_choice": the soft row val prefers, ...}."""
     from dakd import storage
     from dakd.config import PipelineConfig, load_config
     from dakd.data.shards import open_shard_set
     from dakd.eval.baselines import fit_threshold, floor_metrics, threshold_predict
-    from dakd.pipeline import STUDENT_NAMES, run_pipeline
+    from dakd.pipeline import STUDENT_NAMES, real_shards_uri, run_pipeline
 
     sets = [f"source.root={root}", f"source.sensors=[{sensor}]", f"output={os.path.join(output, sensor)}",
             f"tracking.enabled={str(tracking).lower()}", *overrides]
@@ -68,7 +85,7 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
         stage(f"student {mode}", stages=["train-saross"], student_modes=[mode])
     final = stage("evaluate (test)", stages=["train-saross", "evaluate"])  # the students are finished: skipped
 
-    real = open_shard_set(storage.join_uri(base.output, "real"))
+    real = open_shard_set(real_shards_uri(base))
     names = list(real.classes.names)
     t0 = time.perf_counter()
     fit = fit_threshold(real.iter_records("val"))  # chosen on val ...
@@ -82,11 +99,30 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     for mode in base.student_modes:
         metrics = json.loads(storage.read_text(storage.join_uri(ev["outputs"][mode], "metrics.json")))["metrics"]
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
+    for name in variants:
+        rows.update(run_variant(base, name, wall, loads))
+    soft = [STUDENT_NAMES["soft"]] * ("soft" in base.student_modes) + [VARIANTS[v][0] for v in variants]
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
+            "soft_choice": max(soft, key=lambda k: rows[k]["val_miou"]) if soft else None,
             "counts": {s: e["count"] for s, e in manifest["splits"].items()},
             "b": (manifest.get("balance") or {}).get("b"),
             "fid": {base.evaluate_synthesis.features: synthesis["stages"]["evaluate-synthesis"]["fid"]}}
+
+
+def run_variant(base, name: str, wall: dict, loads: dict) -> dict:
+    """VARIANTS[name] trained and evaluated like the pipeline's students; {row label: metrics + training}."""
+    from dakd.pipeline import evaluate_student, real_shards_uri, train_student
+
+    t0 = time.perf_counter()
+    label, changes = VARIANTS[name]
+    real = real_shards_uri(base)
+    trained = train_student(base, real, "soft", base.tracking, run_name=name, **changes(base.saross))
+    result, training = evaluate_student(base, real, name, trained["checkpoint"], label, base.tracking)
+    key = f"student {name} + eval"
+    wall[key], loads[key] = round(time.perf_counter() - t0, 1), round(os.getloadavg()[1], 1)
+    print(f"[accuracy] {base.source.sensors[0]}: {key} done in {wall[key]:.0f} s", flush=True)
+    return {label: {**result["metrics"], **training}}
 
 
 def format_report(result: dict) -> str:
@@ -94,14 +130,19 @@ def format_report(result: dict) -> str:
     lines = [f"## SOS {sensor}: test folder ({result['counts'].get('test')} images), "
              f"students selected on val ({result['counts'].get('val')} images carved from train), "
              f"trained on {result['counts'].get('train')} train images; b = {result['b']:.4f}",
-             "", "| model | mIoU | F1 | precision | recall | steps | samples seen |", "|---|---|---|---|---|---|---|"]
+             "", "| model | mIoU | F1 | precision | recall | steps | samples seen | val mIoU (selects) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in result["rows"].items():
         cells = [m["miou"], m["f1_mean"], m["precision_mean"], m["recall_mean"]]
+        val = m.get("val_miou", result["threshold_fit"]["miou"] if name.startswith("threshold") else None)
         lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in cells)
-                     + f" | {m.get('steps', '-')} | {m.get('samples_seen', '-')} |")
+                     + f" | {m.get('steps', '-')} | {m.get('samples_seen', '-')} | "
+                     + (f"{100 * val:.2f} |" if val is not None else "- |"))
     p = PAPER[sensor]
     lines.append(f"| paper: SAROSS-Net + DAKD (full data, original test split) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} "
-                 f"| {p[3]:.2f} | - | - |")
+                 f"| {p[3]:.2f} | - | - | - |")
+    if result.get("soft_choice"):
+        lines += ["", f"DAKD soft recipe preferred on val: {result['soft_choice']}"]
     lines += ["", "synthetic set FID: " + ", ".join(f"{v:.4g} ({k} features)" for k, v in result["fid"].items()),
               "wall time per stage (s; 5-min load average at its end): " + ", ".join(
                   f"{k} {v:.0f} ({result.get('load_5min', {}).get(k, '-')})" for k, v in result["wall_s"].items())]
@@ -115,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=os.path.join(REPO, "runs", "accuracy"))
     ap.add_argument("--preset", default="sos-cpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                    help="extra DAKD soft students, one recipe choice each, compared on val")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check the recipe runs (seconds per stage)")
     ap.add_argument("--tracking", action="store_true", help="log to MLflow (a local store under --output)")
     args = ap.parse_args(argv)
@@ -127,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     os.makedirs(args.output, exist_ok=True)
     for sensor in args.sensors:
-        results.append(run_sensor(args.root, sensor, args.output, args.preset, overrides, args.tracking))
+        results.append(run_sensor(args.root, sensor, args.output, args.preset, overrides, args.tracking, args.variants))
         print(format_report(results[-1]), flush=True)
         load = os.getloadavg()
         with open(os.path.join(args.output, "accuracy.json"), "w") as f:  # after each sensor: a stopped run keeps it

@@ -104,29 +104,39 @@ def _evaluate_synthesis(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
 
 def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     """One SAROSS-Net per mode in cfg.student_modes; a finished run of the same config is skipped."""
+    return {mode: train_student(cfg, real, mode, tracking_cfg) for mode in cfg.student_modes}
+
+
+def train_student(cfg: PipelineConfig, real: str, mode: str, tracking_cfg, run_name: str | None = None,
+                  **saross_update) -> dict:
+    """One student on the pipeline's real and synthetic sets, under `student/<run_name or mode>`;
+    `saross_update` changes its TrainSarossConfig (nested configs as dicts, e.g. loss={...}).
+    Skipped when that run already holds a best checkpoint of the same config."""
     from dakd.checkpoints import BEST, read_state
     from dakd.train.saross import run_train_saross
 
-    out = {}
-    for mode in cfg.student_modes:
-        scfg = cfg.saross.model_copy(update={
-            "shards": real, "synthetic": storage.join_uri(cfg.output, "synthetic"),
-            "output": storage.join_uri(cfg.output, "student"), "run_name": mode,
-            "loss": cfg.saross.loss.model_copy(update={"mode": mode}), "ray": cfg.ray, "tracking": tracking_cfg})
-        pointer = storage.join_uri(scfg.output, mode, BEST)
-        if storage.exists(pointer) and not cfg.overwrite:
-            best = json.loads(storage.read_text(pointer))["checkpoint"]
-            if _same_job(read_state(best)["config"], dump_config(scfg)):
-                log.info("train-saross (%s): %s already holds this config's student; skipped", mode, best)
-                out[mode] = {"skipped": True, "checkpoint": best}
-                continue
-        out[mode] = run_train_saross(scfg)
-    return out
+    name = run_name or mode
+    update = {k: getattr(cfg.saross, k).model_copy(update=v) if isinstance(v, dict) else v
+              for k, v in saross_update.items()}
+    loss = update.pop("loss", cfg.saross.loss)
+    scfg = cfg.saross.model_copy(update={
+        **update, "shards": real, "synthetic": storage.join_uri(cfg.output, "synthetic"),
+        "output": storage.join_uri(cfg.output, "student"), "run_name": name,
+        "loss": loss.model_copy(update={"mode": mode}), "ray": cfg.ray, "tracking": tracking_cfg})
+    scfg = TrainSarossConfig.model_validate(scfg.model_dump())  # the changes checked here, not in a worker
+    pointer = storage.join_uri(scfg.output, name, BEST)
+    if storage.exists(pointer) and not cfg.overwrite:
+        best = json.loads(storage.read_text(pointer))["checkpoint"]
+        if _same_job(read_state(best)["config"], dump_config(scfg)):
+            log.info("train-saross (%s): %s already holds this config's student; skipped", name, best)
+            return {"skipped": True, "checkpoint": best}
+    return run_train_saross(scfg)
 
 
 def student_training(run_dir: str) -> dict:
     """What a finished student run trained with: {"steps", "batch_size", "samples_seen",
-    "selected_on"} (from its last checkpoint and best.json)."""
+    "selected_on", "val_miou"} (from its last checkpoint and best.json; val_miou: the
+    selecting score of the best checkpoint, 0..1)."""
     from dakd.checkpoints import BEST, LATEST, read_state
 
     last = read_state(json.loads(storage.read_text(storage.join_uri(run_dir, LATEST)))["checkpoint"])
@@ -134,24 +144,20 @@ def student_training(run_dir: str) -> dict:
     c = TrainSarossConfig.model_construct(**last["config"])  # as it was saved (no re-validation)
     batch = c.per_worker_batch * c.num_workers
     return {"steps": int(last["step"]), "batch_size": batch, "samples_seen": int(last["step"]) * batch,
-            "selected_on": best.get("selected_on", best.get("val_split"))}
+            "selected_on": best.get("selected_on", best.get("val_split")), "val_miou": best.get("val_miou")}
 
 
 def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_cfg) -> dict:
     """Evaluate every student once on the real test split (`evaluate.split`) and print the
     paper's tables side by side, with the compute each student got and the split it was
     selected on."""
-    from dakd.eval.evaluate import comparison_table, run_evaluate
+    from dakd.eval.evaluate import comparison_table
 
     results, rows, training = {}, {}, {}
     for mode, trained in students.items():
         name = STUDENT_NAMES[mode]
-        ecfg = cfg.evaluate.model_copy(update={"checkpoint": trained["checkpoint"], "shards": real,
-                                               "output": storage.join_uri(cfg.output, "eval", mode), "name": name,
-                                               "ray": cfg.ray, "tracking": tracking_cfg})
-        results[mode] = run_evaluate(ecfg, print_table=False)  # one table for all students, below
+        results[mode], training[name] = evaluate_student(cfg, real, mode, trained["checkpoint"], name, tracking_cfg)
         rows[name] = results[mode]["metrics"]
-        training[name] = student_training(storage.join_uri(cfg.output, "student", mode))
     selected = sorted({t["selected_on"] for t in training.values()})
     images = next(iter(results.values()))["images"] if results else 0
     protocol = (f"Students selected on split {', '.join(map(repr, selected))} (best val mIoU per run), "
@@ -164,6 +170,19 @@ def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_
     return {"table": table, "miou": {m: r["metrics"]["miou"] for m, r in results.items()},
             "training": {m: training[STUDENT_NAMES[m]] for m in results},
             "outputs": {m: r["output"] for m, r in results.items()}}
+
+
+def evaluate_student(cfg: PipelineConfig, real: str, run_name: str, checkpoint: str, name: str,
+                     tracking_cfg) -> tuple[dict, dict]:
+    """One student's checkpoint on `evaluate.split`, written under `eval/<run_name>`; returns
+    (run_evaluate's summary, student_training of its run)."""
+    from dakd.eval.evaluate import run_evaluate
+
+    ecfg = cfg.evaluate.model_copy(update={"checkpoint": checkpoint, "shards": real,
+                                           "output": storage.join_uri(cfg.output, "eval", run_name), "name": name,
+                                           "ray": cfg.ray, "tracking": tracking_cfg})
+    result = run_evaluate(ecfg, print_table=False)  # the caller prints one table for all students
+    return result, student_training(storage.join_uri(cfg.output, "student", run_name))
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
