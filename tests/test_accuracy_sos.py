@@ -1,7 +1,8 @@
 """The SOS path on genuine data (../shared/data/sos-dev, read in place): benchmarks/accuracy.py
 at smoke size on one sensor. Ingest carves val from train, b lands near the value measured
-on the full data set, every student is selected on val with equal steps, the floors are
-fitted on val, and everything is reported on the test folder."""
+on the full data set, every student (a soft recipe variant too) is selected on val with
+equal steps, the soft recipe is chosen on val, the floors are fitted on val, and everything
+is reported on the test folder."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_accuracy_benchmark_smoke_on_genuine_palsar(tmp_path, ray_local, capsys)
         import accuracy
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    assert accuracy.main(["--root", str(SOS_DEV), "--sensors", "palsar", "--output", str(tmp_path), "--smoke"]) == 0
+    assert accuracy.main(["--root", str(SOS_DEV), "--sensors", "palsar", "--output", str(tmp_path), "--smoke",
+                          "--variants", "soft-kd-hard"]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "accuracy.json").read_text())["results"][0]
     counts = result["counts"]
@@ -33,8 +35,14 @@ def test_accuracy_benchmark_smoke_on_genuine_palsar(tmp_path, ray_local, capsys)
     assert abs(result["b"] - 0.4370) < 0.02  # sos-dev README: b over the full PALSAR train split
     rows = result["rows"]
     students = {k: v for k, v in rows.items() if "steps" in v}
-    assert set(students) == {"real-only", "DAKD (hard labels)", "DAKD"}
+    variant = accuracy.VARIANTS["soft-kd-hard"][0]
+    assert set(students) == {"real-only", "DAKD (hard labels)", "DAKD", variant}
     assert len({v["steps"] for v in students.values()}) == 1 and all(v["selected_on"] == "val" for v in students.values())
+    # the soft recipe is chosen by the val score each run selected its checkpoint with
+    vals = {k: json.loads((tmp_path / "palsar" / "student" / run / "best.json").read_text())["val_miou"]
+            for k, run in [("DAKD", "soft"), (variant, "soft-kd-hard")]}
+    assert all(students[k]["val_miou"] == v for k, v in vals.items())
+    assert result["soft_choice"] == max(vals, key=vals.get) and f"preferred on val: {result['soft_choice']}" in out
     floor = next(k for k in rows if k.startswith("threshold"))
     assert rows[floor]["miou"] > rows["all-background"]["miou"] > 0.3  # the floors on test
     assert "| paper: SAROSS-Net + DAKD" in out and "No figure was tuned on the test folder" in out
