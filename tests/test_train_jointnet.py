@@ -17,7 +17,9 @@ from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError, TrainingError
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_teacher
+from dakd.runtime import ray_has_dashboard
 from dakd.train.jointnet import build_model, run_train_jointnet
+from dakd.train.runner import without_placement_group_cleaner
 
 TINY = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
@@ -100,6 +102,22 @@ def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     assert summary["checkpoint"].startswith(s3_uri) and summary["steps"] == 4
     assert ckpt_io.read_state(summary["checkpoint"])["stages_completed"] == [1]
     assert json.loads(storage.read_text(storage.join_uri(s3_uri, "runs", "jointnet", "latest.json")))["step"] == 4
+    # the test Ray, like dakd's local one, has no dashboard: no PlacementGroupCleaner polling
+    # a state API that is not there (or another Ray's on this host)
+    import ray
+
+    assert not ray_has_dashboard()
+    classes = [a.get("ActorClassName", a.get("class_name", "")) for a in ray._private.state.actors().values()]
+    assert any("RayTrainWorker" in c for c in classes), classes  # the listing sees Train's actors
+    assert not any("PlacementGroupCleaner" in c for c in classes), classes
+
+
+def test_placement_group_cleaner_kept_only_where_a_dashboard_serves_it():
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    callbacks = [object(), PlacementGroupCleanerCallback(), object()]
+    assert without_placement_group_cleaner(callbacks, dashboard=True) == callbacks
+    assert without_placement_group_cleaner(callbacks, dashboard=False) == [callbacks[0], callbacks[2]]
 
 
 def test_bad_input_is_refused_before_training(real_shards, tmp_path):

@@ -56,6 +56,17 @@ def init_ray(cfg: RayConfig):
     return ray
 
 
+def ray_has_dashboard() -> bool:
+    """Whether the connected Ray serves a dashboard (and so Ray's state API); True when it
+    cannot tell (Ray's defaults are kept)."""
+    import ray._private.worker as ray_worker
+
+    try:
+        return bool(ray_worker.get_dashboard_url())
+    except Exception:  # a Ray that keeps this elsewhere
+        return True
+
+
 def configure_ray_data() -> None:
     """Ray Data settings of dakd's jobs, for datasets made in this process (each dataset keeps
     a copy of the DataContext it was made under, and its tasks run with that copy).

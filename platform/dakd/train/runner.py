@@ -192,13 +192,13 @@ def make_trainer(cfg, loop_fn: Callable[[dict], None], loop: LoopConfig, dataset
     run_name, max_failures, keep_checkpoints). `score`: keep the best checkpoints by this
     reported metric (highest), else the latest."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     loc = storage.resolve(cfg.output)
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     keep = CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=score,
                             checkpoint_score_order="max")
-    return TorchTrainer(
+    return _trainer_class()(
         loop_fn,
         train_loop_config=loop.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -208,6 +208,33 @@ def make_trainer(cfg, loop_fn: Callable[[dict], None], loop: LoopConfig, dataset
         run_config=RunConfig(name=cfg.run_name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.max_failures), checkpoint_config=keep),
     )
+
+
+def _trainer_class():
+    """TorchTrainer, less Ray Train's PlacementGroupCleaner on a Ray without a dashboard.
+
+    The cleaner is a detached actor per run that asks Ray's state API (served by the
+    dashboard) every second whether the run's controller is alive, to remove its placement
+    group if it died. The local Ray that dakd starts has no dashboard, so there the cleaner
+    cannot work: it polls and logs a warning forever, and with another Ray on the host
+    (`ray start`) it asks that cluster about this one's controller. On a cluster (which has
+    a dashboard) it is kept."""
+    from ray.train.torch import TorchTrainer
+
+    from dakd.runtime import ray_has_dashboard
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return without_placement_group_cleaner(super()._create_default_callbacks(), ray_has_dashboard())
+
+    return Trainer
+
+
+def without_placement_group_cleaner(callbacks: list, dashboard: bool) -> list:
+    """Ray Train's default callbacks, less its PlacementGroupCleanerCallback unless `dashboard`."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    return callbacks if dashboard else [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
 def _nonfinite_error(run_uri: str) -> TrainingError | None:
