@@ -96,18 +96,19 @@ def test_checkpoint_round_trip_file_and_s3(tmp_path, s3_uri):
 
 @pytest.mark.slow
 def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
+    import ray
+
     cfg = tiny_config(real_shards, s3_uri + "/runs", "run_stages=[1]", "stages.stage1={iterations: 4, lr: 0.003}",
                       "tracking.enabled=false")
+    before = set(ray._private.state.actors())  # the session Ray's actors of earlier tests
     summary = run_train_jointnet(cfg)
     assert summary["checkpoint"].startswith(s3_uri) and summary["steps"] == 4
     assert ckpt_io.read_state(summary["checkpoint"])["stages_completed"] == [1]
     assert json.loads(storage.read_text(storage.join_uri(s3_uri, "runs", "jointnet", "latest.json")))["step"] == 4
     # the test Ray, like dakd's local one, has no dashboard: no PlacementGroupCleaner polling
     # a state API that is not there (or another Ray's on this host)
-    import ray
-
     assert not ray_has_dashboard()
-    classes = [a.get("ActorClassName", a.get("class_name", "")) for a in ray._private.state.actors().values()]
+    classes = [a.get("ActorClassName", "") for k, a in ray._private.state.actors().items() if k not in before]
     assert any("RayTrainWorker" in c for c in classes), classes  # the listing sees Train's actors
     assert not any("PlacementGroupCleaner" in c for c in classes), classes
 

@@ -58,7 +58,8 @@ def init_ray(cfg: RayConfig):
 
 def ray_has_dashboard() -> bool:
     """Whether the connected Ray serves a dashboard (and so Ray's state API); True when it
-    cannot tell (Ray's defaults are kept)."""
+    cannot tell (Ray's defaults are kept). Exact in a driver; inside a Ray worker (a Tune
+    trial) Ray reports its default address 127.0.0.1:8265 even without a dashboard."""
     import ray._private.worker as ray_worker
 
     try:
