@@ -217,8 +217,9 @@ def log_run(logger, report: dict, table: str, cm_png: bytes, overlays: dict[str,
 def comparison_table(rows: dict[str, dict], training: dict[str, dict] | None = None, protocol: str | None = None) -> str:
     """The paper's two layouts for several evaluations, e.g. {"real-only": m1, "DAKD": m2}
     with m = run_evaluate(...)["metrics"] (or eval.metrics.segmentation_metrics).
-    training: {row name: {"steps", "batch_size", "samples_seen", "selected_on", "val_miou"}} adds the
-    compute each model was trained with and its score on the split that selected it; protocol: a line saying what selected and what reports."""
+    training: {row name: {"steps", "batch_size", "samples_seen", "selected_on", "val_miou"}}
+    adds the compute each model was trained with and its score on the split that selected
+    it; protocol: a line saying what selected and what reports."""
     parts = [protocol] if protocol else []
     parts += [format_table(rows), format_per_class_table(rows)]
     if training:
