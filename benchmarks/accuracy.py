@@ -101,7 +101,7 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
     for name in variants:
         rows.update(run_variant(base, name, wall, loads))
-    soft = [STUDENT_NAMES["soft"]] * ("soft" in base.student_modes) + [VARIANTS[v][0] for v in variants]
+    soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [VARIANTS[v][0] for v in variants]
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
             "soft_choice": max(soft, key=lambda k: rows[k]["val_miou"]) if soft else None,
