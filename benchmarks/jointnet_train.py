@@ -52,8 +52,9 @@ def bare_steps_per_s(cfg: TrainJointNetConfig, steps: int) -> float:
     crop + flips per sample) in this process; the first quarter of the steps is warm-up."""
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(0)
-    records = list(open_shard_set(cfg.shards).iter_records("train"))
-    model = build_model(cfg, open_shard_set(cfg.shards).classes.num_classes)
+    shard_set = open_shard_set(cfg.shards)
+    records = list(shard_set.iter_records("train"))
+    model = build_model(cfg, shard_set.classes.num_classes)
     params = model.sar_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.stages.stage1.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay) if cfg.ema else None
