@@ -120,30 +120,31 @@ def main() -> None:
 
         ray.data.DataContext.get_current().enable_progress_bars = False
 
+        model = [] if args.data == "sos" else TINY_MODEL  # sos: the sos-cpu preset's teacher
+        preset = ("sos-cpu", "train-jointnet")
+        threads = args.threads or load_config(TrainJointNetConfig, None, model, preset=preset).torch_threads
+
         def config(workers: int, name: str) -> TrainJointNetConfig:
-            model = [] if args.data == "sos" else TINY_MODEL  # sos: the sos-cpu preset's teacher
-            cfg = load_config(TrainJointNetConfig, None, model, preset=("sos-cpu", "train-jointnet"))
-            threads = max(1, (args.threads or cfg.torch_threads) // workers)  # the same cores, shared by the workers
             return load_config(TrainJointNetConfig, None, [
                 f"shards={real}", f"output={tmp}/runs", f"run_name={name}", "run_stages=[1]", *model,
-                f"torch_threads={threads}",
+                f"torch_threads={max(1, threads // workers)}",  # the same cores, shared by the workers
                 f"stages.stage1={{iterations: {args.steps}, lr: 0.001}}", f"num_workers={workers}",
                 f"log_every={max(1, args.steps // 6)}", f"checkpoint_every={args.steps}", "sample_every=100000",
-                f"tracking.uri=sqlite:///{tmp}/mlflow.db", "ray.local_num_cpus=4"], preset=("sos-cpu", "train-jointnet"))
+                f"tracking.uri=sqlite:///{tmp}/mlflow.db", "ray.local_num_cpus=4"], preset=preset)
 
-        one_cfg = config(1, "one")
-        bare = bare_steps_per_s(config(1, "bare"), args.steps)
+        one_cfg, two_cfg = config(1, "one"), config(2, "two")
+        bare = bare_steps_per_s(one_cfg, args.steps)  # the same config; the bare loop writes no run
         load_bare = os.getloadavg()[0]
         one = ray_steps_per_s(one_cfg)
         load_one = os.getloadavg()[0]
-        two = ray_steps_per_s(config(2, "two"))
+        two = ray_steps_per_s(two_cfg)
         load_two = os.getloadavg()[0]
     print(f"SAR-JointNet stage 1 on {what}: crop {one_cfg.crop_size}, batch {one_cfg.per_worker_batch}/worker, "
           f"U-Net {one_cfg.model.block_out_channels}, {one_cfg.torch_threads} torch thread(s), cores: {os.cpu_count()}")
     print(f"bare process loop      : {bare:7.2f} steps/s   (load {load_bare:.1f})")
     print(f"Ray Train, 1 worker    : {one:7.2f} steps/s   ratio to bare {one / bare:5.2f} (goal >= 0.95)  (load {load_one:.1f})")
     print(f"Ray Train, 2 workers   : {two:7.2f} steps/s   samples/s ratio 2 vs 1 workers {2 * two / one:5.2f}"
-          f"  (load {load_two:.1f}; {max(1, one_cfg.torch_threads // 2)} torch thread(s) each)")
+          f"  (load {load_two:.1f}; {two_cfg.torch_threads} torch thread(s) each)")
 
 
 if __name__ == "__main__":
