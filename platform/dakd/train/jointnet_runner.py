@@ -181,7 +181,7 @@ class JointNetRunner(TrainLoopRunner):
     def after_step(self, out: dict) -> None:
         """Progress, the periodic log line/metrics, sample grids and checkpoints."""
         cfg, plan, step = self.cfg, self.stage, self.step
-        self.progress(f"stage {plan.stage} loss {float(out['loss']):.4g}")
+        self.progress(f"stage {plan.stage} loss {float(out['loss'].detach()):.4g}")
         if step % cfg.log_every == 0 or step == plan.end:
             metrics = self.window.averages()
             metrics.update({"train/lr": plan.lr, "train/samples_per_s": self.window.rate(), "train/stage": plan.stage})

@@ -115,7 +115,7 @@ class SarossRunner(TrainLoopRunner):
             counts["synthetic"] += int(syn.sum())
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            self.progress(f"epoch {self.epoch + 1}/{cfg.epochs} loss {float(out['loss']):.4g}")
+            self.progress(f"epoch {self.epoch + 1}/{cfg.epochs} loss {float(out['loss'].detach()):.4g}")
             if self.step % cfg.log_every == 0:
                 self.say(f"epoch {self.epoch + 1}/{cfg.epochs} step {self.step} "
                          + " ".join(f"{k} {v / counts['steps']:.4g}" for k, v in sums.items()))
