@@ -1,5 +1,5 @@
 """SAR-JointNet model: zero-conv coupling, Label-Net initialisation, parameter groups,
-architecture record. Tiny models (32x32, widths 8/16, 2 levels) on the CPU."""
+architecture record, the EMA of its weights. Tiny models (32x32, widths 8/16, 2 levels) on the CPU."""
 
 from __future__ import annotations
 
@@ -170,3 +170,26 @@ def test_invalid_arguments_and_sizes():
     m = tiny_model()
     with pytest.raises(ValueError, match="multiples of 2"):
         m(torch.zeros(1, 1, 33, 32), None, torch.zeros(1, dtype=torch.long))
+
+
+def test_ema_update_matches_the_formula_per_tensor():
+    """EMA.update (fused) against shadow + (1 - decay_t)(w - shadow) computed tensor by tensor,
+    with diffusers' warm-up decay_t = min(decay, (1 + t) / (10 + t)); integer buffers copied."""
+    from dakd.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+    ema = EMA(model, decay=0.9)
+    expected = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    for t in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(2, 2, 8, 8))  # moves the BatchNorm running stats and its step counter
+        ema.update(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            expected[k] = expected[k] + (1 - d) * (v.float() - expected[k]) if v.dtype.is_floating_point else v.clone().float()
+    for k, v in ema.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+    assert ema.state_dict()["1.num_batches_tracked"].item() == 4

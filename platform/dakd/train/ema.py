@@ -20,12 +20,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """shadow <- shadow + (1 - decay_t) * (weights - shadow) for floating-point tensors (one
+        fused `_foreach_lerp_`, as diffusers' EMAModel with foreach=True), a copy for the rest."""
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        shadows, weights = [], []
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
+                shadows.append(self.shadow[k])
+                weights.append(v.float())  # the tensor itself when already float32
             else:
                 self.shadow[k].copy_(v)
+        if shadows:
+            torch._foreach_lerp_(shadows, weights, 1.0 - decay)
         self.steps += 1
 
     def state_dict(self) -> dict:
