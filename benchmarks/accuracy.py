@@ -99,8 +99,7 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     for mode in base.student_modes:
         metrics = json.loads(storage.read_text(storage.join_uri(ev["outputs"][mode], "metrics.json")))["metrics"]
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
-    for name in variants:
-        rows.update(run_variant(base, name, wall, loads))
+    rows.update(run_variants(base, variants, wall, loads))
     soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [VARIANTS[v][0] for v in variants]
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
@@ -110,19 +109,30 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
             "fid": {base.evaluate_synthesis.features: synthesis["stages"]["evaluate-synthesis"]["fid"]}}
 
 
-def run_variant(base, name: str, wall: dict, loads: dict) -> dict:
-    """VARIANTS[name] trained and evaluated like the pipeline's students; {row label: metrics + training}."""
-    from dakd.pipeline import evaluate_student, real_shards_uri, train_student
+def run_variants(base, names: list[str], wall: dict, loads: dict) -> dict:
+    """VARIANTS[name] trained like the pipeline's students, then evaluated together in one
+    actor pool; {row label: metrics + training}."""
+    from dakd.pipeline import evaluate_students, real_shards_uri, train_student
 
-    t0 = time.perf_counter()
-    label, changes = VARIANTS[name]
     real = real_shards_uri(base)
-    trained = train_student(base, real, "soft", base.tracking, run_name=name, **changes(base.saross))
-    result, training = evaluate_student(base, real, name, trained["checkpoint"], label, base.tracking)
-    key = f"student {name} + eval"
+    trained = {}
+    for name in names:
+        t0 = time.perf_counter()
+        label, changes = VARIANTS[name]
+        trained[name] = (train_student(base, real, "soft", base.tracking, run_name=name, **changes(base.saross))["checkpoint"],
+                         label)
+        note(base, wall, loads, f"student {name}", t0)
+    t0 = time.perf_counter()
+    evaluated = evaluate_students(base, real, trained, base.tracking)
+    if names:
+        note(base, wall, loads, "evaluate variants (test)", t0)
+    return {trained[name][1]: {**result["metrics"], **training} for name, (result, training) in evaluated.items()}
+
+
+def note(base, wall: dict, loads: dict, key: str, t0: float) -> None:
+    """Record a stage's wall time and the 5-min load average at its end; say it."""
     wall[key], loads[key] = round(time.perf_counter() - t0, 1), round(os.getloadavg()[1], 1)
     print(f"[accuracy] {base.source.sensors[0]}: {key} done in {wall[key]:.0f} s", flush=True)
-    return {label: {**result["metrics"], **training}}
 
 
 def format_report(result: dict) -> str:

@@ -20,7 +20,7 @@ from dakd.data import shards
 from dakd.data.classes import OSD_CLASSES
 from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError, DataError
-from dakd.eval.evaluate import run_evaluate
+from dakd.eval.evaluate import run_evaluate, run_evaluations
 from dakd.eval.figures import TITLE_HEIGHT
 from dakd.predict import run_predict
 from dakd import checkpoints as ckpt_io
@@ -109,6 +109,40 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
     with pytest.raises(DataError, match="split 'val' not in this shard set"):
         run_evaluate(load_config(EvaluateConfig, None, [f"checkpoint={location}", f"shards={real}", f"output={out}",
                                                         "split=val", "tracking.enabled=false"]))
+
+
+def test_several_checkpoints_in_one_pool_match_each_alone(student, tmp_path, ray_local):
+    """run_evaluations (a pipeline's students): one actor pool, each model's confusion matrix
+    equal to an independent computation, each evaluation written to its own output; configs
+    that differ in what the pool shares are refused before any compute."""
+    from sklearn.metrics import confusion_matrix as sk_cm
+
+    location, model = student
+    torch.manual_seed(1)
+    other = build_student(MODEL, 5).eval()  # different weights, same classes
+    other_loc = str(tmp_path / "other" / "run" / "checkpoint_000")
+    ckpt_io.save_checkpoint(other_loc, other.state_dict(), {"kind": KIND, "epoch": 1, "step": 1,
+                                                            "arch": arch_dict(MODEL, 5), "classes": OSD_CLASSES.to_dict(),
+                                                            "val": {"split": "val", "miou": 0.1, "iou": {}}})
+    real = str(tmp_path / "real")
+    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"test": 3}, height=64, width=96,
+                                                                           seed=5)), output=real, rows_per_file=2))
+    records = list(shards.open_shard_set(real).iter_records("test"))
+    cfgs = [load_config(EvaluateConfig, None, [f"checkpoint={loc}", f"shards={real}", f"output={tmp_path / name}",
+                                               f"name={name}", "overlay_count=2", "tracking.enabled=false"])
+            for loc, name in [(location, "a"), (other_loc, "b")]]
+    summaries = run_evaluations(cfgs, print_table=False)
+    for summary, net, name in zip(summaries, [model, other], ["a", "b"]):
+        cm = sum(sk_cm(r["mask"].ravel(), reference_prediction(net, r["image"]).ravel(), labels=range(5)) for r in records)
+        assert summary["name"] == name and summary["images"] == 3 and summary["confusion_matrix"] == cm.tolist()
+        report = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert report["confusion_matrix"] == cm.tolist() and len(report["files"]["overlays"]) == 2
+    assert summaries[0]["confusion_matrix"] != summaries[1]["confusion_matrix"]  # each model's own figures
+
+    odd = cfgs[1].model_copy(update={"split": "train", "output": str(tmp_path / "c")})
+    with pytest.raises(ConfigError, match="must share split"):
+        run_evaluations([cfgs[0], odd])
+    assert not (tmp_path / "c").exists()
 
 
 def _write_inputs(folder) -> dict[str, np.ndarray]:

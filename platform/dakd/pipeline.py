@@ -148,16 +148,16 @@ def student_training(run_dir: str) -> dict:
 
 
 def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_cfg) -> dict:
-    """Evaluate every student once on the real test split (`evaluate.split`) and print the
-    paper's tables side by side, with the compute each student got and the split it was
-    selected on."""
+    """Evaluate every student once on the real test split (`evaluate.split`), all in one actor
+    pool, and print the paper's tables side by side, with the compute each student got and
+    the split it was selected on."""
     from dakd.eval.evaluate import comparison_table
 
-    results, rows, training = {}, {}, {}
-    for mode, trained in students.items():
-        name = STUDENT_NAMES[mode]
-        results[mode], training[name] = evaluate_student(cfg, real, mode, trained["checkpoint"], name, tracking_cfg)
-        rows[name] = results[mode]["metrics"]
+    evaluated = evaluate_students(cfg, real, {mode: (t["checkpoint"], STUDENT_NAMES[mode]) for mode, t in students.items()},
+                                  tracking_cfg)
+    results = {mode: result for mode, (result, _) in evaluated.items()}
+    training = {STUDENT_NAMES[mode]: t for mode, (_, t) in evaluated.items()}
+    rows = {STUDENT_NAMES[mode]: r["metrics"] for mode, r in results.items()}
     selected = sorted({t["selected_on"] for t in training.values()})
     images = next(iter(results.values()))["images"] if results else 0
     protocol = (f"Students selected on split {', '.join(map(repr, selected))} (best val mIoU per run), "
@@ -172,17 +172,22 @@ def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_
             "outputs": {m: r["output"] for m, r in results.items()}}
 
 
-def evaluate_student(cfg: PipelineConfig, real: str, run_name: str, checkpoint: str, name: str,
-                     tracking_cfg) -> tuple[dict, dict]:
-    """One student's checkpoint on `evaluate.split`, written under `eval/<run_name>`; returns
-    (run_evaluate's summary, student_training of its run)."""
-    from dakd.eval.evaluate import run_evaluate
+def evaluate_students(cfg: PipelineConfig, real: str, students: dict[str, tuple[str, str]],
+                      tracking_cfg) -> dict[str, tuple[dict, dict]]:
+    """Students {run_name: (checkpoint, table name)} on `evaluate.split`, in one actor pool,
+    each written under `eval/<run_name>`; returns {run_name: (run_evaluate's summary,
+    student_training of its run)}."""
+    from dakd.eval.evaluate import run_evaluations
 
-    ecfg = cfg.evaluate.model_copy(update={"checkpoint": checkpoint, "shards": real,
-                                           "output": storage.join_uri(cfg.output, "eval", run_name), "name": name,
-                                           "ray": cfg.ray, "tracking": tracking_cfg})
-    result = run_evaluate(ecfg, print_table=False)  # the caller prints one table for all students
-    return result, student_training(storage.join_uri(cfg.output, "student", run_name))
+    if not students:
+        return {}
+    cfgs = [cfg.evaluate.model_copy(update={"checkpoint": checkpoint, "shards": real,
+                                            "output": storage.join_uri(cfg.output, "eval", run_name), "name": name,
+                                            "ray": cfg.ray, "tracking": tracking_cfg})
+            for run_name, (checkpoint, name) in students.items()]
+    results = run_evaluations(cfgs, print_table=False)  # the caller prints one table for all students
+    return {run_name: (result, student_training(storage.join_uri(cfg.output, "student", run_name)))
+            for run_name, result in zip(students, results)}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

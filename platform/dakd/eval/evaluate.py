@@ -11,7 +11,10 @@ accuracy is pixel accuracy, trace / total.
 Outputs under `output`: metrics.json (confusion matrix, per-class and mean values, and
 `files`: the figures below), table.md (the paper's layouts), and under a fresh
 `<generation>/` folder confusion_matrix.png and overlays/<id>.png ([image | ground truth |
-prediction | errors] for the first `overlay_count` images); the same logged to MLflow. A re-run is a
+prediction | errors] for the first `overlay_count` images); the same logged to MLflow.
+`run_evaluations` evaluates several checkpoints on one split in one actor pool (each actor
+holds every model, each image is read once: a pipeline's students), each written and
+logged as its own evaluation. A re-run is a
 swap: its figures go beside the old ones, metrics.json (one atomic write) then names them,
 and only then are the files the old metrics.json lists removed, so a failed or killed
 re-run leaves the old evaluation whole.
@@ -36,7 +39,7 @@ from dakd.config import EvaluateConfig, dump_config
 from dakd.data.classes import ClassTable, class_table_from_dict
 from dakd.data.shards import (PAIR_COLUMNS, decode_plane, discard_generation, new_generation, open_shard_set,
                               remove_listed)
-from dakd.errors import DataError
+from dakd.errors import ConfigError, DataError
 from dakd.eval.figures import confusion_png, overlay_panel, png_bytes
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
 from dakd.inference import segment, setup_actor
@@ -46,36 +49,54 @@ log = logging.getLogger(__name__)
 
 
 class EvaluateActor:
-    """Ray Data actor: shard rows -> per-image confusion matrix (+ overlay PNG for chosen ids)."""
+    """Ray Data actor: shard rows -> per-image confusion matrix of each model (+ overlay PNGs
+    for chosen ids). Several models share the actor: each image is read and decoded once."""
 
-    def __init__(self, model_ref, num_classes: int, classes: dict, overlay_ids: list[str], gpus: float, threads: int,
+    def __init__(self, model_refs, num_classes: int, classes: dict, overlay_ids: list[str], gpus: float, threads: int,
                  compile: bool = False):
         import ray
 
-        self.device, self.model = setup_actor(lambda: ray.get(model_ref[0]), gpus, threads, compile=compile)
+        self.models = []
+        for ref in model_refs:
+            self.device, model = setup_actor(lambda ref=ref: ray.get(ref), gpus, threads, compile=compile)
+            self.models.append(model)
         self.c = num_classes
         self.classes = class_table_from_dict(classes)
         self.overlay_ids = set(overlay_ids)
 
     def __call__(self, batch: dict) -> dict:
-        cms, overlays = [], []
-        for sid, h, w, img, msk in zip(batch["id"], batch["height"], batch["width"], batch["image"], batch["mask"]):
-            image, mask = decode_plane(img, h, w), decode_plane(msk, h, w)
-            pred = segment(self.model, image, self.device)
-            cms.append(confusion_matrix(pred, mask, self.c).astype(np.int64).tobytes())
-            overlays.append(png_bytes(overlay_panel(image, pred, self.classes, mask)) if str(sid) in self.overlay_ids else b"")
-        return {"id": batch["id"], "cm": np.array(cms, dtype=object), "overlay": np.array(overlays, dtype=object)}
+        """Columns: id, and per model k: cm<k> (C*C int64 bytes), overlay<k> (PNG bytes or b"")."""
+        out = {"id": batch["id"]}
+        rows = list(zip(batch["id"], batch["height"], batch["width"], batch["image"], batch["mask"]))
+        decoded = [(str(sid), decode_plane(img, h, w), decode_plane(msk, h, w)) for sid, h, w, img, msk in rows]
+        for k, model in enumerate(self.models):
+            cms, overlays = [], []
+            for sid, image, mask in decoded:
+                pred = segment(model, image, self.device)
+                cms.append(confusion_matrix(pred, mask, self.c).astype(np.int64).tobytes())
+                overlays.append(png_bytes(overlay_panel(image, pred, self.classes, mask)) if sid in self.overlay_ids else b"")
+            out[f"cm{k}"], out[f"overlay{k}"] = np.array(cms, dtype=object), np.array(overlays, dtype=object)
+        return out
 
 
 def _safe_name(sid: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(sid))
 
 
-def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, split: str, *, overlay_count: int = 0,
-                   batch_size: int = 1, actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                   torch_threads: int = 1, compile: bool = False) -> tuple[np.ndarray, dict, dict[str, bytes]]:
-    """Segment every image of `split` with Ray Data actors (set up by `dakd.inference`); returns (summed confusion matrix
-    (C, C) int64, metrics of eval.metrics, {id: overlay PNG bytes})."""
+def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, split: str, **options
+                   ) -> tuple[np.ndarray, dict, dict[str, bytes]]:
+    """One model on `split` (see evaluate_models); returns (summed confusion matrix (C, C)
+    int64, metrics of eval.metrics, {id: overlay PNG bytes})."""
+    return evaluate_models([model], classes, shards, split, **options)[0]
+
+
+def evaluate_models(models: list[torch.nn.Module], classes: ClassTable, shards: str, split: str, *,
+                    overlay_count: int = 0, batch_size: int = 1, actors: int = 1, gpus_per_actor: float = 0.0,
+                    cpus_per_actor: float = 1.0, torch_threads: int = 1, compile: bool = False
+                    ) -> list[tuple[np.ndarray, dict, dict[str, bytes]]]:
+    """Segment every image of `split` with each model, in one pool of Ray Data actors (set up
+    by `dakd.inference`; each actor holds every model, each image is read once); returns per
+    model (summed confusion matrix (C, C) int64, metrics of eval.metrics, {id: overlay PNG bytes})."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -91,39 +112,75 @@ def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, spl
     loc = storage.resolve(shard_set.root)
     ds = ray.data.read_parquet([storage.resolve(f).path for f in files], filesystem=loc.fs,
                                columns=PAIR_COLUMNS)
-    model_ref = [ray.put(model)]  # wrapped in a list so Ray passes the reference, not the object
-    out = ds.map_batches(EvaluateActor, fn_constructor_args=(model_ref, classes.num_classes, classes.to_dict(), ids,
+    model_refs = [ray.put(m) for m in models]  # in a list: Ray passes the references, not the objects
+    out = ds.map_batches(EvaluateActor, fn_constructor_args=(model_refs, classes.num_classes, classes.to_dict(), ids,
                                                               gpus_per_actor, torch_threads, compile),
                          compute=ActorPoolStrategy(size=actors), batch_size=batch_size, num_gpus=gpus_per_actor,
                          num_cpus=cpus_per_actor, batch_format="numpy")
     c = classes.num_classes
-    cm = np.zeros((c, c), dtype=np.int64)
-    overlays: dict[str, bytes] = {}
+    cms = [np.zeros((c, c), dtype=np.int64) for _ in models]
+    overlays: list[dict[str, bytes]] = [{} for _ in models]
     n = 0
     with driver_line(f"evaluate {split}", shard_set.manifest["splits"][split]["count"]) as update:
         for row in out.iter_rows():
-            cm += np.frombuffer(row["cm"], dtype=np.int64).reshape(c, c)
-            if row["overlay"]:
-                overlays[str(row["id"])] = row["overlay"]
+            for k in range(len(models)):
+                cms[k] += np.frombuffer(row[f"cm{k}"], dtype=np.int64).reshape(c, c)
+                if row[f"overlay{k}"]:
+                    overlays[k][str(row["id"])] = row[f"overlay{k}"]
             n += 1
             update(n)
     if n == 0:
         raise DataError(shards, f"split {split!r} holds no images")
-    metrics = segmentation_metrics(cm, classes.names)
-    metrics["images"] = n
-    return cm, metrics, overlays
+    return [(cm, {**segmentation_metrics(cm, classes.names), "images": n}, ov) for cm, ov in zip(cms, overlays)]
 
 
 METRICS_NOTE = ("(mIoU, F1, Recall, Precision: macro means over classes of per-class values from the summed "
                 "confusion matrix; Accuracy: pixel accuracy)")
 
 
+# What the evaluations sharing one actor pool (run_evaluations) must agree on.
+POOL_SETTINGS = ("shards", "split", "overlay_count", "batch_size", "actors", "gpus_per_actor", "cpus_per_actor",
+                 "torch_threads", "compile", "ray")
+
+
 def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> dict:
     """Evaluate a checkpoint on a split at full resolution; print the paper-layout tables
     (unless `print_table` is false: the pipeline prints one table for all students), write
     metrics.json, table.md, confusion_matrix.png, overlays/ to `output`; log to MLflow."""
-    from dakd import tracking
+    return run_evaluations([cfg], print_table)[0]
+
+
+def run_evaluations(cfgs: list[EvaluateConfig], print_table: bool = True) -> list[dict]:
+    """Several checkpoints on one split (a pipeline's students), segmented in one actor pool,
+    each written and logged as `run_evaluate` does its one; returns their summaries in order.
+    The configs must agree on POOL_SETTINGS and the models on their classes (ConfigError)."""
     from dakd.runtime import init_ray
+
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        differ = [k for k in POOL_SETTINGS if getattr(cfg, k) != getattr(first, k)]
+        if differ:
+            raise ConfigError(f"evaluate {cfg.checkpoint}: evaluations in one pool must share {', '.join(differ)} "
+                              f"with {first.checkpoint}")
+    prepared = [_prepare(cfg) for cfg in cfgs]  # every model and output checked before any compute
+    classes = prepared[0]["classes"]
+    for p in prepared[1:]:
+        if list(p["classes"].names) != list(classes.names):
+            raise ConfigError(f"evaluate {p['prov']['model']}: classes {list(p['classes'].names)}, but "
+                              f"{prepared[0]['prov']['model']} has {list(classes.names)}; one pool needs one class table")
+    init_ray(first.ray)
+    for p in prepared:
+        print(f"[evaluate] {p['prov']['model']} on {first.shards} split {first.split!r} at full resolution", flush=True)
+    results = evaluate_models([p["model"] for p in prepared], classes, first.shards, first.split,
+                              overlay_count=first.overlay_count, batch_size=first.batch_size, actors=first.actors,
+                              gpus_per_actor=first.gpus_per_actor, cpus_per_actor=first.cpus_per_actor,
+                              torch_threads=first.torch_threads, compile=first.compile)
+    return [_finish(cfg, p, *result, print_table=print_table) for cfg, p, result in zip(cfgs, prepared, results)]
+
+
+def _prepare(cfg: EvaluateConfig) -> dict:
+    """The model, its classes and provenance, the table name, the tracking URI; the output checked writable."""
+    from dakd import tracking
 
     model, classes, prov = load_model(cfg.checkpoint, cfg.tracking)
     where = str(prov["model"]).rstrip("/")
@@ -131,12 +188,15 @@ def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> dict:
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
     storage.check_writable(cfg.output)
     uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
-    init_ray(cfg.ray)
-    print(f"[evaluate] {prov['model']} on {cfg.shards} split {cfg.split!r} at full resolution", flush=True)
-    cm, metrics, overlays = evaluate_model(model, classes, cfg.shards, cfg.split, overlay_count=cfg.overlay_count,
-                                           batch_size=cfg.batch_size, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor,
-                                           cpus_per_actor=cfg.cpus_per_actor, torch_threads=cfg.torch_threads,
-                                           compile=cfg.compile)
+    return {"model": model, "classes": classes, "prov": prov, "name": name, "tracking_uri": uri}
+
+
+def _finish(cfg: EvaluateConfig, prepared: dict, cm: np.ndarray, metrics: dict, overlays: dict[str, bytes], *,
+            print_table: bool) -> dict:
+    """One evaluation's table, files and MLflow run; returns the job summary."""
+    from dakd import tracking
+
+    prov, name, classes = prepared["prov"], prepared["name"], prepared["classes"]
     selected_on = prov.get("selected_on")
     protocol = f"Checkpoint selected on split {selected_on!r}, reported on split {cfg.split!r} ({metrics['images']} images)."
     if selected_on == cfg.split:
@@ -152,7 +212,7 @@ def run_evaluate(cfg: EvaluateConfig, print_table: bool = True) -> dict:
               "averaging": "macro over present classes; accuracy = pixel accuracy", "metrics": metrics}
     cm_png = confusion_png(cm, classes.names)
     write_outputs(cfg.output, report, table, cm_png, overlays)
-    with tracking.job_run(cfg.tracking, uri=uri, job="evaluate", run_key=f"evaluate:{cfg.output}",
+    with tracking.job_run(cfg.tracking, uri=prepared["tracking_uri"], job="evaluate", run_key=f"evaluate:{cfg.output}",
                           run_name=f"evaluate-{name}", params=dump_config(cfg),
                           tags={"dakd.model": str(prov["model"])}) as run:
         log_run(run.logger, report, table, cm_png, overlays)
