@@ -83,13 +83,6 @@ def _safe_name(sid: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(sid))
 
 
-def evaluate_model(model: torch.nn.Module, classes: ClassTable, shards: str, split: str, **options
-                   ) -> tuple[np.ndarray, dict, dict[str, bytes]]:
-    """One model on `split` (see evaluate_models); returns (summed confusion matrix (C, C)
-    int64, metrics of eval.metrics, {id: overlay PNG bytes})."""
-    return evaluate_models([model], classes, shards, split, **options)[0]
-
-
 def evaluate_models(models: list[torch.nn.Module], classes: ClassTable, shards: str, split: str, *,
                     overlay_count: int = 0, batch_size: int = 1, actors: int = 1, gpus_per_actor: float = 0.0,
                     cpus_per_actor: float = 1.0, torch_threads: int = 1, compile: bool = False
