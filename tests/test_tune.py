@@ -254,3 +254,24 @@ def test_example_config_parses():
     cfg = load_config(TuneConfig, os.path.join(REPO, "jobs", "configs", "tune_student_tiny.yaml"))
     dims = parse_space(cfg.space, cfg.level, {"student": cfg.student, "teacher": cfg.teacher, "synthesize": cfg.synthesize})
     assert {d.key for d in dims} >= {"student.loss.temperature", "student.loss.lambda_kd"}
+
+
+def test_sweep_plot_of_long_paths_needs_no_layout_warning():
+    """A grid over synthetic-set paths (long categorical values) plots without matplotlib's
+    'Tight layout not applied' warning; long tick labels keep their ends."""
+    import warnings
+
+    from PIL import Image
+
+    from dakd.tune.results import plot_metric, tick_label
+    from dakd.tune.space import Dimension
+
+    paths = ["/tmp/pytest-of-root/pytest-17/test_interrupted_sweep_on_s3_resumes_wi0/syn",
+             "/tmp/pytest-of-root/pytest-17/test_interrupted_sweep_on_s3_resumes_wi0/syn-later"]
+    dims = [Dimension("student.synthetic", "grid", paths)]  # one 4-inch panel, as in the interrupted sweep
+    rows = [{"student.synthetic": p, "best val/miou": m, "status": "completed"} for p, m in [(paths[0], 0.4), (paths[1], None)]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = plot_metric(rows, dims, "val/miou")
+    assert Image.open(io.BytesIO(png)).size[0] > 200
+    assert tick_label(paths[1]) == "…" + paths[1][-23:] and tick_label("soft") == "soft"

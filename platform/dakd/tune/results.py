@@ -83,7 +83,7 @@ def plot_metric(rows: list[dict], dims: list[Dimension], metric: str) -> bytes:
 
     plt = pyplot()
     ok = [r for r in rows if r[f"best {metric}"] is not None]
-    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.4), squeeze=False, layout="constrained")
     for ax, d in zip(axes[0], dims):
         values = [r[d.key] for r in ok]
         ys = [r[f"best {metric}"] for r in ok]
@@ -91,7 +91,7 @@ def plot_metric(rows: list[dict], dims: list[Dimension], metric: str) -> bytes:
         if d.categorical or not all(isinstance(v, (int, float)) for v in values):
             labels = [str(v) for v in dict.fromkeys(str(v) for v in (d.values if d.categorical else values))]
             ax.scatter([labels.index(str(v)) for v in values], ys, c=colours)
-            ax.set_xticks(range(len(labels)), labels, rotation=20)
+            ax.set_xticks(range(len(labels)), [tick_label(v) for v in labels], rotation=20)
         else:
             ax.scatter(values, ys, c=colours)
             if d.log:
@@ -100,8 +100,12 @@ def plot_metric(rows: list[dict], dims: list[Dimension], metric: str) -> bytes:
         ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} per trial (blue: completed, orange: stopped early)", fontsize=9)
-    fig.tight_layout()
     return figure_png(fig)
+
+
+def tick_label(value: str, width: int = 24) -> str:
+    """A category's tick label: long values (paths, URIs) keep their last `width` characters."""
+    return value if len(value) <= width else "…" + value[-(width - 1):]
 
 
 def best_configs(cfg: TuneConfig, dims: list[Dimension], best: dict, sweep_uri: str) -> dict[str, str]:
