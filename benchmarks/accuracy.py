@@ -73,9 +73,7 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     def stage(name: str, **update) -> dict:
         t0 = time.perf_counter()
         summary = run_pipeline(base.model_copy(update=update))
-        wall[name] = round(time.perf_counter() - t0, 1)
-        loads[name] = round(os.getloadavg()[1], 1)
-        print(f"[accuracy] {sensor}: {name} done in {wall[name]:.0f} s", flush=True)
+        note(base, wall, loads, name, t0)
         return summary
 
     stage("ingest + b", stages=["ingest", "balance"])
