@@ -504,3 +504,33 @@ def test_local_mlflow_store_keeps_artifacts_under_the_output_not_the_cwd(tmp_pat
     assert list(cwd.iterdir()) == []
     found = list((out / "mlartifacts").rglob("summary.json"))
     assert len(found) == 1 and json.loads(found[0].read_text()) == {"x": 1}
+
+
+def test_run_logger_pauses_after_a_failed_call(tmp_path):
+    """A tracking outage costs a training loop one call's retries per pause, not every call's:
+    the calls in the pause after a failure are counted as not logged without being tried;
+    after the pause they are tried again; closing the run is tried even in a pause."""
+    import mlflow
+
+    from dakd.tracking import RunLogger, resolve_tracking_uri, start_or_resume_run
+
+    uri = resolve_tracking_uri(None, str(tmp_path))
+    run_id = start_or_resume_run(uri, "exp", run_key="k", run_name="r", params={})
+    now, tried = [0.0], []
+
+    def down(*args):
+        tried.append(args)
+        raise ConnectionError("tracking server down")
+
+    logger = RunLogger(uri, run_id, pause_s=60, clock=lambda: now[0])
+    assert logger.call(down, 1) is None and len(tried) == 1 and logger.failures == 1
+    now[0] = 59.0
+    logger.log_metrics({"loss": 1.0}, step=1)
+    assert logger.call(down, 2) is None and len(tried) == 1 and logger.failures == 3  # skipped, not tried
+    now[0] = 61.0
+    logger.log_metrics({"loss": 2.0}, step=2)
+    assert logger.call(down, 3) is None and len(tried) == 2 and logger.failures == 4  # tried again
+    logger.end("FINISHED")  # in the new pause, but a run's end is always tried
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [2.0]
+    assert client.get_run(run_id).info.status == "FINISHED" and logger.failures == 4

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from dakd.errors import TrackingError
 from dakd.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
+
+PAUSE_AFTER_FAILURE_S = 60.0  # RunLogger: after a failed call, skip calls this long (s)
 
 
 def resolve_tracking_uri(configured: str | None, default_dir: str) -> str:
@@ -118,10 +121,14 @@ def log_summary(uri: str, run_id: str, summary: dict) -> None:
 
 class RunLogger:
     """Logs metrics and images to one MLflow run; a failed call is counted, not raised, so
-    a tracking outage mid-run never stops training (the count is reported at the end)."""
+    a tracking outage mid-run never stops training (the count is reported at the end). After
+    a failure the calls of the next `pause_s` seconds are skipped (counted as not logged), so
+    an unreachable server costs training one call's retries per pause, not every call's."""
 
-    def __init__(self, uri: str | None, run_id: str | None):
+    def __init__(self, uri: str | None, run_id: str | None, pause_s: float = PAUSE_AFTER_FAILURE_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.client, self.run_id, self.failures = None, run_id, 0
+        self.pause_s, self.clock, self.paused_until = pause_s, clock, float("-inf")
         if run_id is not None:  # run_id None: a logger that logs nothing (tracking off)
             import mlflow
 
@@ -129,14 +136,23 @@ class RunLogger:
             self.client = mlflow.MlflowClient(tracking_uri=uri)
 
     def call(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs), or None (counted as not logged) when it fails; nothing when tracking is off."""
+        """fn(*args, **kwargs), or None (counted as not logged) when it fails or falls in the
+        pause after a failure; nothing when tracking is off."""
         if self.run_id is None:
             return None
+        if self.clock() < self.paused_until:
+            self.failures += 1
+            return None
+        return self._attempt(fn, *args, **kwargs)
+
+    def _attempt(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracking failure is counted, training goes on
             self.failures += 1
-            log.warning("MLflow call %s failed (%s); %d not logged so far", fn.__name__, type(exc).__name__, self.failures)
+            self.paused_until = self.clock() + self.pause_s
+            log.warning("MLflow call %s failed (%s); %d not logged so far; calls of the next %.0f s skipped",
+                        fn.__name__, type(exc).__name__, self.failures, self.pause_s)
             return None
 
     def _client_call(self, method: str, *args, **kwargs):
@@ -148,11 +164,9 @@ class RunLogger:
     def log_metrics(self, metrics: dict, step: int) -> None:
         if self.run_id is None:
             return
-        import time as _time
-
         from mlflow.entities import Metric
 
-        ts = int(_time.time() * 1000)
+        ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
         self._client_call("log_batch", metrics=items)
 
@@ -166,7 +180,9 @@ class RunLogger:
         self._client_call("log_dict", redact_obj(data), artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        self._client_call("set_terminated", status=status)
+        """Close the run; tried even in a pause, so a server that is back gets the run's end."""
+        if self.run_id is not None:
+            self._attempt(self.client.set_terminated, self.run_id, status=status)
 
 
 def tracking_uri(settings, default_dir: str) -> str | None:
