@@ -5,13 +5,18 @@ over the same files, printed as ratios measured side by side in one run.
 included, as a laptop run pays it) and again (Ray Data already up, as on a long-running
 cluster where each job finds it started); the difference is that start-up.
 
-    python benchmarks/ingest.py [--images 3000] [--size 256] [--rows-per-file 25]
+The plain loop (before Ray starts) and the second ingest run `--repeats` times each and
+the medians are compared (a 3,000-image run takes 2-3 s, so one run is at the mercy of the
+host's noise).
+
+    python benchmarks/ingest.py [--images 3000] [--size 256] [--rows-per-file 25] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -64,15 +69,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--rows-per-file", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the plain loop and of the second ingest (medians)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "src")
         write_folder(src, args.images, args.size)
         source = SourceConfig(kind="folder", root=src)
 
-        t0 = time.perf_counter()
-        n = plain_loop(source, os.path.join(tmp, "plain"), args.rows_per_file)
-        plain_s = time.perf_counter() - t0
+        plain = []
+        for k in range(args.repeats):  # before Ray starts, as a user without Ray runs it
+            t0 = time.perf_counter()
+            n = plain_loop(source, os.path.join(tmp, f"plain-{k}"), args.rows_per_file)
+            plain.append(time.perf_counter() - t0)
         load_plain = os.getloadavg()[0]
 
         from dakd.runtime import init_ray
@@ -81,14 +89,15 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         first_s = timed_ingest(source, os.path.join(tmp, "ray-first"), args.rows_per_file)
         load_first = os.getloadavg()[0]
-        again_s = timed_ingest(source, os.path.join(tmp, "ray-again"), args.rows_per_file)
+        again = [timed_ingest(source, os.path.join(tmp, f"ray-again-{k}"), args.rows_per_file) for k in range(args.repeats)]
         load_again = os.getloadavg()[0]
         ray.shutdown()
+    plain_s, again_s = statistics.median(plain), statistics.median(again)
 
     print(f"images: {n} of {args.size}x{args.size}, {args.rows_per_file} per file, cores: {os.cpu_count()}")
-    print(f"plain single-process loop        : {n / plain_s:8.1f} images/s (load {load_plain:.1f})")
+    print(f"plain single-process loop        : {n / plain_s:8.1f} images/s (median of {args.repeats}; load {load_plain:.1f})")
     print(f"dakd ingest, first in this Ray   : {n / first_s:8.1f} images/s (load {load_first:.1f})")
-    print(f"dakd ingest, again (Ray Data up) : {n / again_s:8.1f} images/s (load {load_again:.1f})")
+    print(f"dakd ingest, again (Ray Data up) : {n / again_s:8.1f} images/s (median of {args.repeats}; load {load_again:.1f})")
     print(f"ratio first / plain              : {plain_s / first_s:8.2f}x")
     print(f"ratio again / plain              : {plain_s / again_s:8.2f}x")
     print(f"Ray Data's first-use start-up    : {first_s - again_s:8.1f} s (the first run's extra time)")

@@ -75,6 +75,11 @@ def test_balance_matches_independent_numpy(tmp_path, ray_local):
     assert summary["b"] == pytest.approx(np.sqrt(px / py), rel=1e-9)
     assert shards.open_shard_set(out).balance["b"] == pytest.approx(summary["b"])
     assert shards.open_shard_set(out).balance["images"] == 10
+    # ingest and balance turn Ray Data's operator reservation off for their lone map only: the
+    # training feeds (several operators) keep it
+    from ray.data import DataContext
+
+    assert DataContext.get_current().op_resource_reservation_enabled
 
 
 def test_parseval_and_normalisation_inverse():

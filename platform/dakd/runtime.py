@@ -83,6 +83,24 @@ def configure_ray_data() -> None:
         ctx.use_datasource_v2 = False
 
 
+@contextlib.contextmanager
+def lone_map_data():
+    """Ray Data settings for a dataset that is one map over its input, executed inside the
+    block (`ingest`, `balance`): no per-operator resource reservation. The reservation keeps
+    CPUs for downstream operators, which such a dataset has none of; on a small cluster it
+    ran the map one task at a time for its first blocks (2 CPUs, four 0.5 s tasks: 1.78 s
+    with it, 1.05 s without). The setting is restored after the block."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = before
+
+
 def _raylet_notices_to_stderr() -> None:
     """Ray's driver prints the raylet's notices ("N PYTHON worker processes have been
     started...") on stdout from a background thread, where one can land after a job's --json

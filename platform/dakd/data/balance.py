@@ -17,7 +17,7 @@ from dakd.config import BalanceConfig
 from dakd.data import shards
 from dakd.data.shards import PAIR_COLUMNS, decode_plane
 from dakd.data.transforms import label_signal, normalize_image
-from dakd.runtime import init_ray
+from dakd.runtime import init_ray, lone_map_data
 from dakd import storage
 from dakd.errors import DataError
 
@@ -58,8 +58,9 @@ def run_balance(cfg: BalanceConfig) -> dict:
     ray = init_ray(cfg.ray)
     loc = storage.resolve(cfg.shards)
     paths = [storage.resolve(f).path for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=PAIR_COLUMNS)
-    rows = ds.map_batches(_batch_powers, fn_kwargs={"num_classes": num_classes}, batch_format="numpy").take_all()
+    with lone_map_data():
+        ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=PAIR_COLUMNS)
+        rows = ds.map_batches(_batch_powers, fn_kwargs={"num_classes": num_classes}, batch_format="numpy").take_all()
     n = len(rows)
     if n == 0:
         raise DataError(cfg.shards, f"split {cfg.split!r} holds no samples")

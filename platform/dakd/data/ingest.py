@@ -30,7 +30,7 @@ from dakd.data.readers import PairRef
 from dakd.data.sources import make_reader
 from dakd.data.transforms import NORMALIZATION
 from dakd.errors import ConfigError, DataError
-from dakd.runtime import init_ray
+from dakd.runtime import init_ray, lone_map_data
 from dakd.seeds import unit_hash
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def ingest_chunk(chunk: dict, source: dict, output: str, num_classes: int, gener
             continue
         rec["split"] = chunk["split"]  # the split it is written to (val is carved from train)
         records.append(rec)
-        class_pixels += np.bincount(rec["mask"].ravel(), minlength=num_classes)[:num_classes]
+        class_pixels += [np.count_nonzero(rec["mask"] == c) for c in range(num_classes)]  # uint8: ~6x bincount
         sizes[f"{rec['height']}x{rec['width']}"] += 1
         if rec.get("off_palette_pixels"):
             off_palette.append({"id": rec["id"], "pixels": int(rec["off_palette_pixels"])})
@@ -188,12 +188,13 @@ def _ingest(cfg: IngestConfig, refs: list, problems: list, classes, generation: 
     log.info("ingest: %d pairs in %d chunks -> %s", len(refs), len(chunks), output)
     ray = init_ray(cfg.ray)
     source = dump_config(cfg.source)
-    ds = ray.data.from_items(chunks, override_num_blocks=_num_blocks(ray, len(chunks)))
-    results = ds.map(
-        ingest_chunk,
-        fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes, "generation": generation},
-        num_cpus=1,
-    ).take_all()
+    with lone_map_data():
+        ds = ray.data.from_items(chunks, override_num_blocks=_num_blocks(ray, len(chunks)))
+        results = ds.map(
+            ingest_chunk,
+            fn_kwargs={"source": source, "output": output, "num_classes": classes.num_classes, "generation": generation},
+            num_cpus=1,
+        ).take_all()
     stats = [json.loads(r["stats"]) for r in results]
 
     errors = [e for s in stats for e in s["errors"]]
