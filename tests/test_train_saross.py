@@ -6,6 +6,7 @@ loadable by `models:/`), and bad input refused before training."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -169,7 +170,15 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
 
     cfg = config(data, str(tmp_path / "runs"), "loss.mode=soft", "epochs=2", "run_name=dakd",
                  f"tracking.uri={mlflow_server}", "register_name=saross-test")
-    summary = run_train_saross(cfg)
+    seen = []  # what mlflow.pytorch logs while the job logs its model (after the logger's filters)
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("mlflow.pytorch").addHandler(handler)
+    try:
+        summary = run_train_saross(cfg)
+    finally:
+        logging.getLogger("mlflow.pytorch").removeHandler(handler)
+    assert not [m for m in seen if "Pickle" in m]  # no unpickling caution: dakd loads the safetensors
     assert summary["epochs"] == 2 and summary["data"]["synthetic"] == 8 and summary["mode"] == "soft"
     # best.json names the checkpoint with the highest val mIoU among those kept
     run_dir = tmp_path / "runs" / "dakd"

@@ -16,6 +16,7 @@ overlays; the driver logs the best checkpoint as an MLflow model (registered und
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -195,6 +196,20 @@ def _requirements() -> list[str]:
 MODEL_CHECKPOINT_ARTIFACT = "dakd_checkpoint"  # run artifact: the best checkpoint's weights (safetensors) + state.json
 
 
+@contextlib.contextmanager
+def _without_pickle_caution():
+    """mlflow.pytorch warns on every pickled model that unpickling can run code. dakd never
+    unpickles it (it loads the safetensors logged beside it, see `log_mlflow_model`), so the
+    warning would only be noise in every job's output; other mlflow.pytorch warnings pass."""
+    logger = logging.getLogger("mlflow.pytorch")
+    drop = lambda record: "by Pickle or CloudPickle" not in record.getMessage()  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str | None) -> dict:
     """Log a SAROSS-Net checkpoint to an MLflow run as a pytorch model with a tensor signature
     (input (-1, 1, -1, -1) float32 normalised image, output (-1, C, -1, -1) float32 logits);
@@ -218,7 +233,7 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str 
                 f.write(storage.read_bytes(storage.join_uri(state["location"], name)))
         client.log_artifacts(run_id, d, MODEL_CHECKPOINT_ARTIFACT)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _without_pickle_caution():
         info = mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
                                         pip_requirements=_requirements(), registered_model_name=register_name,
                                         metadata={"dakd_kind": KIND, "dakd_classes": state["classes"],
