@@ -92,8 +92,8 @@ def lone_map_data():
     with it, 1.05 s without: the allocator admitted one task at a time until the first two
     had finished; a reservation ratio of 0 did the same). Not for actor pools: synthesis
     without it gave 2 actors / 1 actor 1.39-1.52 against 1.71 with it (the first actor took
-    queued ranges before the second was up). The setting is restored after the block. It is Ray's kill-switch
-    for the allocator (Ray 2.6x); a Ray without it keeps its default behaviour."""
+    queued ranges before the second was up). The setting is restored after the block. It is
+    Ray's kill-switch for the allocator (Ray 2.6x); a Ray without it keeps its default."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
