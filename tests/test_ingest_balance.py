@@ -236,3 +236,15 @@ def test_val_fraction_too_small_for_one_sample_is_refused_before_writing(tmp_pat
     with pytest.raises(ConfigError, match=r"source.val_fraction=0.01: of 3 train samples, 0 would go to 'val'"):
         run_ingest(IngestConfig(source=source, output=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_class_pixel_counts_match_bincount():
+    """The one per-class pixel count (ingest, synthesis footers, predict areas) against np.bincount,
+    with values outside the class table left uncounted."""
+    from dakd.data.classes import class_pixel_counts
+
+    masks = np.random.default_rng(0).integers(0, 7, size=(3, 50, 40)).astype(np.uint8)
+    for num_classes in (2, 5, 7, 9):
+        counts = class_pixel_counts(masks, num_classes)
+        assert counts.dtype == np.int64 and counts.shape == (num_classes,)
+        assert counts.tolist() == np.bincount(masks.ravel(), minlength=num_classes)[:num_classes].tolist()

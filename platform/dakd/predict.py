@@ -32,7 +32,7 @@ import numpy as np
 
 from dakd import storage
 from dakd.config import PredictConfig
-from dakd.data.classes import class_table_from_dict
+from dakd.data.classes import class_pixel_counts, class_table_from_dict
 from dakd.data.folder import IMAGE_SUFFIXES
 from dakd.data.shards import discard_generation, new_generation, remove_listed
 from dakd.errors import DataError
@@ -132,7 +132,7 @@ def predict_one(model, classes, uri: str, mask_uri: str, device="cpu") -> tuple[
     pred = segment(model, image, device)
     del image
     c = classes.num_classes
-    counts = np.bincount(pred.ravel(), minlength=c)[:c].astype(np.int64)
+    counts = class_pixel_counts(pred, c)
     storage.write_bytes(mask_uri, png_bytes(classes.colorize(pred)))
     return pred.shape[0], pred.shape[1], counts
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from dakd import __version__, storage
 from dakd.data import shards
+from dakd.data.classes import class_pixel_counts
 from dakd.data.transforms import denormalize_image
 from dakd.seeds import sample_seed
 from dakd.synth.plan import FOOTER_KEY
@@ -101,7 +102,7 @@ class SynthActor:
         ids = list(range(start, stop))
         gen = self.sample(k, ids)
         nc = identity["num_classes"]
-        class_pixels = np.bincount(gen["mask"].ravel(), minlength=nc)[:nc].tolist()
+        class_pixels = class_pixel_counts(gen["mask"], nc).tolist()
         seconds = time.perf_counter() - t0
         footer = {"range": k, "start": start, "stop": stop, "identity": identity, "class_pixels": class_pixels,
                   "seconds": seconds, "nfe_per_sample": gen["nfe"], "code_version": __version__,
