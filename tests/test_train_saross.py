@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from dakd.data.transforms import denormalize_image
 from dakd.errors import ConfigError, DataError
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_student
-from dakd.train.saross import run_train_saross
+from dakd.train.saross import run_train_saross, scheduled_lr
 from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
 
 TILE = 32
@@ -168,7 +169,7 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
     import mlflow
     import mlflow.pytorch
 
-    cfg = config(data, str(tmp_path / "runs"), "loss.mode=soft", "epochs=2", "run_name=dakd",
+    cfg = config(data, str(tmp_path / "runs"), "loss.mode=soft", "epochs=2", "run_name=dakd", "lr_schedule=cosine",
                  f"tracking.uri={mlflow_server}", "register_name=saross-test")
     seen = []  # what mlflow.pytorch logs while the job logs its model (after the logger's filters)
     handler = logging.Handler()
@@ -202,6 +203,9 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
         hist = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in hist] == [1, 2], key
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "train/kd"))
+    # cosine schedule over the run's 8 steps: each epoch's logged lr is that of its last step (3, 7)
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
+    assert lrs == pytest.approx([0.002 * (1 + math.cos(math.pi * s / 8)) / 2 for s in (3, 7)])
     share = [m.value for m in client.get_metric_history(run.info.run_id, "train/synthetic_share")]
     assert all(0 < s < 1 for s in share)  # both kinds in the batches
     assert [a.path for a in client.list_artifacts(run.info.run_id, "overlays")]
@@ -238,6 +242,14 @@ def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     # selecting on test when asked for explicitly: flagged in the summary and best.json
     assert hard["selected_on"] == "test" and hard["selected_on_test"] is True
     assert json.loads((tmp_path / "runs" / "hard" / "best.json").read_text())["selected_on_test"] is True
+
+
+def test_scheduled_lr_constant_and_cosine():
+    assert [scheduled_lr("constant", 0.1, s, 10) for s in (0, 5, 10, 12)] == [0.1] * 4
+    cosine = [scheduled_lr("cosine", 0.1, s, 10) for s in range(12)]
+    assert cosine[0] == 0.1 and cosine[5] == pytest.approx(0.05) and cosine[10] == cosine[11] == pytest.approx(0)
+    assert all(a > b for a, b in zip(cosine[:10], cosine[1:11]))  # strictly down to 0 at the last step
+    assert scheduled_lr("cosine", 0.1, 3, 0) == 0.1  # no known length: constant
 
 
 def test_bad_input_is_refused(data, tmp_path):

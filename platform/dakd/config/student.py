@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -78,6 +78,9 @@ class TrainSarossConfig(DataParallel):
     batch_size_per_worker: int = Field(8, ge=1)
     global_batch_size: int | None = Field(16, ge=1)
     lr: float = Field(5e-5, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant: `lr` throughout (the paper names no schedule); cosine: from `lr` "
+                                "down to 0 over the run's optimiser steps (train.saross.scheduled_lr)")
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     cache_dataset: bool = True

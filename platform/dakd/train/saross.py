@@ -46,6 +46,16 @@ class SarossLoop(LoopConfig):
     """train-saross's worker settings: the architecture its checkpoints must have."""
 
     arch: dict
+    total_steps: int = 0  # the run's expected optimiser steps (epochs x steps per epoch): the lr schedule's length
+
+
+def scheduled_lr(schedule: str, lr: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based): `lr` for "constant"; for "cosine",
+    lr * (1 + cos(pi * step / total_steps)) / 2, from `lr` at step 0 down to 0 at `total_steps`
+    (and 0 after it). A function of the step alone, so a resumed run continues the same curve."""
+    if schedule == "constant" or total_steps <= 0:
+        return lr
+    return float(lr * 0.5 * (1.0 + np.cos(np.pi * min(step / total_steps, 1.0))))
 
 
 class SarossRunner(TrainLoopRunner):
@@ -97,6 +107,7 @@ class SarossRunner(TrainLoopRunner):
             self.epoch += 1
             metrics = {f"train/{k}": v / counts["steps"] for k, v in sums.items()}
             metrics.update({"train/synthetic_share": counts["synthetic"] / max(counts["samples"], 1),
+                            "train/lr": self.opt.param_groups[0]["lr"],
                             "train/samples_per_s": counts["samples"] * self.world / max(time.perf_counter() - t0, 1e-9)})
             overlays = self.validate(val, metrics)
             self.log_epoch(metrics, overlays)
@@ -137,6 +148,8 @@ class SarossRunner(TrainLoopRunner):
         out = segmentation_loss(logits.float(), mask, batch.get("logits"), syn, mode=lc.mode, lambda_ce=lc.lambda_ce,
                                 lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd, T=lc.temperature,
                                 dice_eps=lc.dice_eps, soft_synthetic=lc.soft_synthetic)
+        for group in self.opt.param_groups:
+            group["lr"] = scheduled_lr(self.cfg.lr_schedule, self.cfg.lr, self.step, self.loop.total_steps)
         self.optimizer_step(out["loss"], self.model.parameters(), self.opt, f"epoch {self.epoch + 1}")
         return out, syn
 
@@ -293,7 +306,8 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
         with tracking.job_run(cfg.tracking, uri=uri, job="train-saross", run_key=run_uri, run_name=cfg.run_name,
                               params=dump_config(cfg), tags=tags) as run:
             loop = SarossLoop(config=dump_config(cfg), classes=classes.to_dict(), run_uri=run_uri, arch=arch,
-                              tracking_uri=run.uri, mlflow_run_id=run.run_id, progress=current_progress())
+                              total_steps=per_epoch * cfg.epochs, tracking_uri=run.uri, mlflow_run_id=run.run_id,
+                              progress=current_progress())
             trainer = make_trainer(cfg, train_loop_per_worker, loop, dataset, callbacks=callbacks, score="val/miou")
             result = fit(trainer, run_uri)
             return _finish(cfg, result, run, data_info)
