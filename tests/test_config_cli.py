@@ -148,3 +148,20 @@ def test_print_config_resolves_shorthands(capsys):
     assert main(["ingest", "--print-config", "--overwrite", "--on-error", "skip", "--output", "s3://b/p"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["overwrite"] is True and cfg["on_error"] == "skip" and cfg["output"] == "s3://b/p"
+
+
+def test_same_job_counts_settings_added_since_as_their_defaults():
+    """A pipeline re-run skips a finished stage whose stored config matches, also when dakd has
+    gained settings since (at their defaults); any real difference redoes it."""
+    from dakd.config import TrainSarossConfig, dump_config
+    from dakd.pipeline import same_job
+
+    cfg = load_config(TrainSarossConfig, None, ["epochs=3", "loss.mode=soft"])
+    stored = dump_config(cfg)
+    older = {k: v for k, v in stored.items() if k != "ema_decay"}  # written before these settings existed
+    older["loss"] = {k: v for k, v in stored["loss"].items() if k != "soft_synthetic"}
+    assert same_job(stored, cfg) and same_job(older, cfg)
+    assert same_job({**stored, "ray": {"address": "auto"}}, cfg)  # where it runs does not matter
+    assert not same_job(older, cfg.model_copy(update={"ema_decay": 0.99}))  # a new setting, not at its default
+    assert not same_job({**stored, "epochs": 4}, cfg)
+    assert not same_job({**stored, "retired_setting": 1}, cfg)  # a setting dakd no longer has

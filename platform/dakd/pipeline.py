@@ -51,10 +51,18 @@ def _ingest(cfg: PipelineConfig, real: str) -> dict:
                                    on_error=cfg.on_error, overwrite=cfg.overwrite, ray=cfg.ray))
 
 
-def _same_job(a: dict, b: dict) -> bool:
-    """Two job configs ask for the same output (where it runs and is tracked aside)."""
+def same_job(stored: dict, cfg) -> bool:
+    """A finished run's stored config asks for the same output as the job config `cfg` (where
+    it runs and is tracked aside). Settings added to dakd after the run was written count as
+    their defaults, so an upgrade alone does not redo finished stages."""
+    from pydantic import ValidationError
+
+    try:
+        then = dump_config(type(cfg).model_validate(stored))
+    except ValidationError:  # a setting since removed or changed in kind: not the same job
+        return False
     drop = ("ray", "tracking")
-    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    return {k: v for k, v in then.items() if k not in drop} == {k: v for k, v in dump_config(cfg).items() if k not in drop}
 
 
 def _tracked(uri: str | None, parent: str | None, cfg: PipelineConfig, stage: str, fn) -> dict:
@@ -79,7 +87,7 @@ def _train_jointnet(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     pointer = storage.join_uri(jcfg.output, jcfg.run_name, LATEST)
     if storage.exists(pointer) and not cfg.overwrite:
         ckpt = json.loads(storage.read_text(pointer))["checkpoint"]
-        if _same_job(read_state(ckpt)["config"], dump_config(jcfg)):
+        if same_job(read_state(ckpt)["config"], jcfg):
             log.info("train-jointnet: %s already holds this config's teacher; skipped", ckpt)
             return {"skipped": True, "checkpoint": ckpt}
     return run_train_jointnet(jcfg)
@@ -127,7 +135,7 @@ def train_student(cfg: PipelineConfig, real: str, mode: str, tracking_cfg, run_n
     pointer = storage.join_uri(scfg.output, name, BEST)
     if storage.exists(pointer) and not cfg.overwrite:
         best = json.loads(storage.read_text(pointer))["checkpoint"]
-        if _same_job(read_state(best)["config"], dump_config(scfg)):
+        if same_job(read_state(best)["config"], scfg):
             log.info("train-saross (%s): %s already holds this config's student; skipped", name, best)
             return {"skipped": True, "checkpoint": best}
     return run_train_saross(scfg)
