@@ -18,6 +18,8 @@ from dakd.data import shards
 from dakd.data.ingest import run_ingest
 from dakd.data.transforms import denormalize_image
 from dakd.errors import ConfigError, DataError
+from dakd.eval.metrics import confusion_matrix, segmentation_metrics
+from dakd.inference import segment
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_student
 from dakd.train.saross import run_train_saross, scheduled_lr
@@ -169,7 +171,7 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
     import mlflow
     import mlflow.pytorch
 
-    cfg = config(data, str(tmp_path / "runs"), "loss.mode=soft", "epochs=2", "run_name=dakd", "lr_schedule=cosine",
+    cfg = config(data, str(tmp_path / "runs"), "loss.mode=soft", "epochs=2", "run_name=dakd", "lr_schedule=cosine", "ema_decay=0.9",
                  f"tracking.uri={mlflow_server}", "register_name=saross-test")
     seen = []  # what mlflow.pytorch logs while the job logs its model (after the logger's filters)
     handler = logging.Handler()
@@ -193,7 +195,7 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
     assert summary["steps"] == 2 * (8 + 8) // 4 and summary["samples_seen"] == summary["steps"] * 4
     assert ckpt_io.read_state(best["checkpoint"])["epoch"] == best["epoch"] == summary["best_epoch"]
     model, state = load_student(str(run_dir))  # the run directory resolves to the best checkpoint
-    assert state["location"] == best["checkpoint"] and state["kind"] == "sar-oss-net"
+    assert state["location"] == best["checkpoint"] and state["kind"] == "sar-oss-net" and state["weights"] == "ema"
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(summary["mlflow_run_id"])
@@ -217,22 +219,35 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
     assert info.metadata["dakd_checkpoint"] == best["checkpoint"]
     loaded = mlflow.pytorch.load_model(summary["registered"]).eval()
     x = torch.randn(1, 1, 40, 72)
+    dakd_loaded = ckpt_io.load_model(summary["registered"])[0]  # dakd's models:/ path: the safetensors beside it
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(dakd_loaded(x), model(x))  # both the EMA weights that were selected
 
 
 @pytest.mark.slow
 def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     out = str(tmp_path / "runs")
-    first = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=1", "run_name=ro", "tracking.enabled=false"))
+    ro = ("loss.mode=real-only", "run_name=ro", "tracking.enabled=false", "ema_decay=0.9")
+    first = run_train_saross(config(data, out, *ro, "epochs=1"))
     assert first["epochs"] == 1 and first["data"]["synthetic"] == 0
     # compute-matched: the synthetic half of the epoch is filled with real crops, so real-only
     # takes the steps a DAKD student of the same config takes (8 real + 8 synthetic at batch 4)
     assert first["data"]["real"] == 8 + synthetic_count(8, 0.5) and first["steps"] == 16 // 4
-    again = run_train_saross(config(data, out, "loss.mode=real-only", "epochs=2", "run_name=ro", "tracking.enabled=false"))
+    again = run_train_saross(config(data, out, *ro, "epochs=2"))
     state = ckpt_io.read_state(again["last_checkpoint"])
     assert state["epoch"] == 2 and state["attempt_start_epoch"] == 1  # continued after epoch 1
     assert state["step"] == 2 * ckpt_io.read_state(first["last_checkpoint"])["step"] > 0
+    assert state["ema_steps"] == state["step"]  # the average was restored on resume, not restarted
+    # the EMA weights are what validation scored and what evaluate/predict load
+    model, best = load_student(str(tmp_path / "runs" / "ro"))
+    assert best["weights"] == "ema"
+    ema, raw = ckpt_io.load_weights(best["location"], ema=True), ckpt_io.load_weights(best["location"])
+    torch.testing.assert_close(model.state_dict(), ema)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    cm = sum(confusion_matrix(torch.from_numpy(segment(model, r["image"])), torch.tensor(r["mask"]), 5)
+             for r in shards.open_shard_set(data["real"]).iter_records("val"))
+    assert segmentation_metrics(cm, [str(i) for i in range(5)])["miou"] == pytest.approx(best["val"]["miou"])
 
     with pytest.raises(ConfigError, match="val_split=test: the best checkpoint would be chosen on the split"):
         config(data, out, "val_split=test")

@@ -208,7 +208,9 @@ def load_teacher(uri: str, ema: bool = True) -> tuple[JointNet, dict]:
 
 
 def load_student(uri: str) -> tuple[SAROSSNet, dict]:
-    """(SAROSS-Net in eval mode on CPU, state.json + "location") of a checkpoint or run dir."""
+    """(SAROSS-Net in eval mode on CPU, state.json + "location", "weights") of a checkpoint or
+    run dir: its EMA weights when it has them (train-saross `ema_decay`: those were validated
+    and selected), else its model weights."""
     location = resolve_student_checkpoint(uri)
     state = read_state(location)
     if state.get("kind") != STUDENT_KIND:
@@ -217,8 +219,10 @@ def load_student(uri: str) -> tuple[SAROSSNet, dict]:
     from dakd.models.saross import build_student
 
     model = build_student(arch, arch["num_classes"], arch["in_chans"], pretrained=False)
-    load_state_into(model, location)
+    use_ema = storage.exists(storage.join_uri(location, EMA_FILE))
+    load_state_into(model, location, ema=use_ema)
     state["location"] = location
+    state["weights"] = "ema" if use_ema else "model"
     return model.eval(), state
 
 

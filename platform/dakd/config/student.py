@@ -82,6 +82,10 @@ class TrainSarossConfig(DataParallel):
         "constant", description="constant: `lr` throughout (the paper names no schedule); cosine: from `lr` "
                                 "down to 0 over the run's optimiser steps (train.saross.scheduled_lr)")
     weight_decay: float = Field(0.01, ge=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (decay per optimiser step, "
+                                      "e.g. 0.99); validation, selection, evaluate and predict then use it. "
+                                      "None: the raw weights (the paper)")
     grad_clip: float = Field(1.0, gt=0)
     cache_dataset: bool = True
     keep_checkpoints: int = Field(2, ge=1)

@@ -1,5 +1,5 @@
 """Exponential moving average of model weights, kept by parameter name (so it saves as
-safetensors next to the model). Warm-up as in diffusers' EMAModel:
+safetensors next to the model; BatchNorm statistics included). Warm-up as in diffusers' EMAModel:
 decay_t = min(decay, (1 + t) / (10 + t))."""
 
 from __future__ import annotations
@@ -7,15 +7,20 @@ from __future__ import annotations
 import torch
 
 
+def _float_copy(state: dict) -> dict:
+    """Floating-point tensors as float32 copies; others (BatchNorm's int64 num_batches_tracked) keep their dtype."""
+    return {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone() for k, v in state.items()}
+
+
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = float(decay)
         self.steps = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = _float_copy(model.state_dict())
 
     def reset(self, model: torch.nn.Module) -> None:
         """Restart the average at the model's current weights (e.g. when a stage re-initialises a branch)."""
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = _float_copy(model.state_dict())
         self.steps = 0
 
     @torch.no_grad()
@@ -38,5 +43,5 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, state: dict, steps: int) -> None:
-        self.shadow = {k: v.clone().float() for k, v in state.items()}
+        self.shadow = _float_copy(state)
         self.steps = int(steps)

@@ -35,6 +35,7 @@ from dakd.progress import current as current_progress, progress_line
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import BEST, LATEST, STUDENT_KIND as KIND, load_student
 from dakd.models.saross import arch_dict, build_student
+from dakd.train.ema import EMA
 from dakd.train.losses import segmentation_loss
 from dakd.train.runner import LoopConfig, TrainLoopRunner, fit, make_trainer
 
@@ -68,6 +69,8 @@ class SarossRunner(TrainLoopRunner):
     def setup(self) -> None:
         cfg = self.cfg
         self.model = build_student(cfg.model, self.classes.num_classes).to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.ema_model = None  # the network validation loads the EMA weights into (built on first use)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.epoch, self.best, self.attempt_start = 0, {"miou": -1.0, "epoch": None}, 0
         self.dtypes = {"image": torch.float32, "mask": torch.uint8}
@@ -82,6 +85,11 @@ class SarossRunner(TrainLoopRunner):
         opt_state = ckpt_io.load_optimizer_state(directory)
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
+        if self.ema is not None:
+            if storage.exists(storage.join_uri(directory, ckpt_io.EMA_FILE)):
+                self.ema.load_state_dict(ckpt_io.load_weights(directory, ema=True), state.get("ema_steps", 0))
+            else:  # a run that had no EMA so far: the average starts here
+                self.ema.reset(self.model)
         self.epoch, self.best, self.step = int(state["epoch"]), state["best"], int(state["step"])
         self.attempt_start = self.epoch
         self.say(f"resumed after epoch {self.epoch}/{self.cfg.epochs}")
@@ -92,6 +100,7 @@ class SarossRunner(TrainLoopRunner):
                 "classes": self.classes.to_dict(), "val": {"miou": self.val["miou"], "iou": self.val["iou"],
                                                            "split": cfg.val_split},
                 "best": self.best, "attempt_start_epoch": self.attempt_start, "loss_mode": mode,
+                "ema_steps": self.ema.steps if self.ema else 0,
                 "shards": cfg.shards, "synthetic": cfg.synthetic if mode != "real-only" else None,
                 "config": self.loop.config}
 
@@ -113,7 +122,7 @@ class SarossRunner(TrainLoopRunner):
             self.log_epoch(metrics, overlays)
             self.save_and_report({"val/miou": self.val["miou"], "epoch": self.epoch,
                                   "loss": metrics.get("train/loss", 0.0), "tracking_failures": self.tracking_failures()},
-                                 self.model, self.opt)
+                                 self.model, self.opt, self.ema.state_dict() if self.ema else None)
 
     def train_epoch(self) -> tuple[dict, dict]:
         """One pass over the worker's shard: (summed loss terms, {"steps", "samples", "synthetic"})."""
@@ -151,6 +160,8 @@ class SarossRunner(TrainLoopRunner):
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(self.cfg.lr_schedule, self.cfg.lr, self.step, self.loop.total_steps)
         self.optimizer_step(out["loss"], self.model.parameters(), self.opt, f"epoch {self.epoch + 1}")
+        if self.ema is not None:
+            self.ema.update(self.model)
         return out, syn
 
     def validate(self, val: list[dict], metrics: dict) -> list:
@@ -163,11 +174,11 @@ class SarossRunner(TrainLoopRunner):
         from dakd.eval.metrics import confusion_matrix, segmentation_metrics
 
         c = self.classes.num_classes
-        self.model.eval()
+        model = self.validation_model()
         cm = torch.zeros((c, c), dtype=torch.int64)
         overlays = []
         for rec in val:
-            pred = segment(self.model, rec["image"], self.device)
+            pred = segment(model, rec["image"], self.device)
             cm += confusion_matrix(torch.from_numpy(pred), torch.tensor(rec["mask"]), c)
             if self.rank == 0 and len(overlays) < self.cfg.overlay_count:
                 overlays.append(overlay_panel(rec["image"], pred, self.classes, rec["mask"]))
@@ -181,6 +192,16 @@ class SarossRunner(TrainLoopRunner):
         metrics.update({"val/miou": miou, "val/accuracy": vm["accuracy"], "val/f1": vm["f1_mean"]})
         metrics.update({f"val/iou_{name}": v for name, v in vm["iou"].items() if v == v})
         return overlays
+
+    def validation_model(self) -> torch.nn.Module:
+        """What validation scores (in eval mode): the EMA weights when kept (loaded into a second
+        network, so training continues on the raw ones), else the model itself."""
+        if self.ema is None:
+            return self.model.eval()
+        if self.ema_model is None:
+            self.ema_model = build_student(self.cfg.model, self.classes.num_classes, pretrained=False).to(self.device)
+        self.ema_model.load_state_dict(self.ema.state_dict())
+        return self.ema_model.eval()
 
     def log_epoch(self, metrics: dict, overlays: list) -> None:
         self.say(f"epoch {self.epoch}/{self.cfg.epochs} " + " ".join(
@@ -241,7 +262,7 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint: str, register_name: str 
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, -1, -1), "logits")]))
     client = mlflow.MlflowClient(tracking_uri=uri)
     with tempfile.TemporaryDirectory() as d:
-        for name in (ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE):
+        for name in [ckpt_io.MODEL_FILE, ckpt_io.STATE_FILE] + ([ckpt_io.EMA_FILE] if state["weights"] == "ema" else []):
             with open(os.path.join(d, name), "wb") as f:
                 f.write(storage.read_bytes(storage.join_uri(state["location"], name)))
         client.log_artifacts(run_id, d, MODEL_CHECKPOINT_ARTIFACT)
