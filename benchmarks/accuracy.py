@@ -9,11 +9,12 @@ all-background, and the best global threshold on box-smoothed intensity (box and
 threshold chosen on val). The test folder selects nothing.
 
     .venv/bin/python benchmarks/accuracy.py [--root ../shared/data/sos-dev] [--sensors palsar sentinel]
-        [--output runs/accuracy] [--set saross.epochs=12 ...] [--variants soft-kd-hard soft-share25] [--smoke]
+        [--output runs/accuracy] [--set saross.epochs=12 ...] [--variants soft-kd-hard soft-share25 ema] [--smoke]
 
-`--variants` adds students that differ from DAKD soft in one recipe choice, on the same
-teacher, synthetic set and optimiser steps; each row shows its mIoU on val beside its test
-figures, and the report names the soft recipe val prefers. Only val chooses.
+`--variants` adds students that differ in one recipe choice (DAKD soft's two readings and
+synthetic share; `ema`: every student again on an EMA of its weights), on the same teacher,
+synthetic set and optimiser steps; each row shows its mIoU on val beside its test figures,
+and the report names the soft recipe val prefers. Only val chooses.
 
 Prints one table per sensor (mIoU / F1 / precision / recall on test, %, the paper's figures
 beside) with the wall time per stage and the machine load; writes <output>/accuracy.json.
@@ -35,16 +36,30 @@ DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "sos-dev")
 # PAPER.md, SAROSS-Net + DAKD (mIoU, F1, precision, recall), on the original SOS test split
 PAPER = {"palsar": (86.30, 92.23, 92.18, 92.28), "sentinel": (87.25, 93.05, 92.88, 93.24)}
 
-# Recipe choices for DAKD soft, made on val: name -> (row label, TrainSarossConfig changes given
-# the preset's saross config). Each keeps the optimiser steps of the preset's students.
+# Recipe choices, made on val: name -> (the student modes it trains again, row label, TrainSarossConfig
+# changes given the preset's saross config). Each keeps the optimiser steps of the preset's students.
 VARIANTS = {
-    "soft-kd-hard": ("DAKD (soft: KD + CE/Dice on the teacher's argmax)",
+    "soft-kd-hard": (("soft",), "DAKD (soft: KD + CE/Dice on the teacher's argmax)",
                      lambda s: {"loss": {"soft_synthetic": "kd+hard"}}),
     # a quarter synthetic: R / 0.75 samples per epoch, so 1.5x the epochs for the same steps
-    "soft-share25": ("DAKD (soft, 25% synthetic)",
+    "soft-share25": (("soft",), "DAKD (soft, 25% synthetic)",
                      lambda s: {"synthetic_share": 0.25,
                                 "epochs": max(1, round(s.epochs * 0.75 / (1 - s.synthetic_share)))}),
+    # every student again, validated, selected and evaluated on an EMA of its weights
+    "ema": (("real-only", "hard", "soft"), "{student} + EMA of the weights (0.99)", lambda s: {"ema_decay": 0.99}),
 }
+
+
+def variant_runs(name: str, modes: list[str]) -> list[tuple[str, str, str]]:
+    """(student mode, run name, row label) of a variant for the pipeline's student modes."""
+    from dakd.pipeline import STUDENT_NAMES
+
+    trains, label, _ = VARIANTS[name]
+    runs = [m for m in trains if m in modes]
+    return [(m, name if len(trains) == 1 else f"{m}-{name}", label.format(student=STUDENT_NAMES[m])) for m in runs]
+
+
+VARIANT_STAGES = ("variant ", "evaluate variants")  # wall-time keys of --variants: outside the recipe's time
 
 SMOKE = ["jointnet.stages.stage1={iterations: 4, lr: 0.001}", "jointnet.stages.stage2={iterations: 4, lr: 0.001}",
          "jointnet.stages.stage3={iterations: 2, lr: 0.001}", "jointnet.checkpoint_every=5", "jointnet.log_every=5",
@@ -98,7 +113,8 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
         metrics = json.loads(storage.read_text(storage.join_uri(ev["outputs"][mode], "metrics.json")))["metrics"]
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
     rows.update(run_variants(base, variants, wall, loads))
-    soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [VARIANTS[v][0] for v in variants]
+    soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [
+        label for v in variants for mode, _, label in variant_runs(v, base.student_modes) if mode == "soft"]
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
             "soft_choice": max(soft, key=lambda k: rows[k]["val_miou"]) if soft else None,
@@ -115,11 +131,11 @@ def run_variants(base, names: list[str], wall: dict, loads: dict) -> dict:
     real = real_shards_uri(base)
     trained = {}
     for name in names:
-        t0 = time.perf_counter()
-        label, changes = VARIANTS[name]
-        trained[name] = (train_student(base, real, "soft", base.tracking, run_name=name, **changes(base.saross))["checkpoint"],
-                         label)
-        note(base, wall, loads, f"student {name}", t0)
+        for mode, run, label in variant_runs(name, base.student_modes):
+            t0 = time.perf_counter()
+            changes = VARIANTS[name][2](base.saross)
+            trained[run] = (train_student(base, real, mode, base.tracking, run_name=run, **changes)["checkpoint"], label)
+            note(base, wall, loads, f"variant {run}", t0)
     t0 = time.perf_counter()
     evaluated = evaluate_students(base, real, trained, base.tracking)
     if names:
@@ -151,7 +167,10 @@ def format_report(result: dict) -> str:
                  f"| {p[3]:.2f} | - | - | - |")
     if result.get("soft_choice"):
         lines += ["", f"DAKD soft recipe preferred on val: {result['soft_choice']}"]
+    recipe = sum(v for k, v in result["wall_s"].items() if not k.startswith(VARIANT_STAGES))
     lines += ["", "synthetic set FID: " + ", ".join(f"{v:.4g} ({k} features)" for k, v in result["fid"].items()),
+              f"the recipe's wall time (every stage but --variants): {recipe / 60:.1f} min (goal: <= 45 min per sensor "
+              f"on 2 cores)",
               "wall time per stage (s; 5-min load average at its end): " + ", ".join(
                   f"{k} {v:.0f} ({result.get('load_5min', {}).get(k, '-')})" for k, v in result["wall_s"].items())]
     return "\n".join(lines)
