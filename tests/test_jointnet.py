@@ -174,13 +174,14 @@ def test_invalid_arguments_and_sizes():
 
 def test_ema_update_matches_the_formula_per_tensor():
     """EMA.update (fused) against shadow + (1 - decay_t)(w - shadow) computed tensor by tensor,
-    with diffusers' warm-up decay_t = min(decay, (1 + t) / (10 + t)); integer buffers copied."""
+    with diffusers' warm-up decay_t = min(decay, (1 + t) / (10 + t)); integer buffers copied as integers."""
     from dakd.train.ema import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
     ema = EMA(model, decay=0.9)
-    expected = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    expected = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                for k, v in model.state_dict().items()}
     for t in range(4):
         with torch.no_grad():
             for p in model.parameters():
@@ -189,7 +190,8 @@ def test_ema_update_matches_the_formula_per_tensor():
         ema.update(model)
         d = min(0.9, (1 + t) / (10 + t))
         for k, v in model.state_dict().items():
-            expected[k] = expected[k] + (1 - d) * (v.float() - expected[k]) if v.dtype.is_floating_point else v.clone().float()
+            expected[k] = expected[k] + (1 - d) * (v.float() - expected[k]) if v.dtype.is_floating_point else v.clone()
     for k, v in ema.state_dict().items():
-        assert torch.allclose(v, expected[k], atol=1e-6), k
-    assert ema.state_dict()["1.num_batches_tracked"].item() == 4
+        assert v.dtype == expected[k].dtype and torch.allclose(v, expected[k], atol=1e-6), k
+    counter = ema.state_dict()["1.num_batches_tracked"]
+    assert counter.dtype == torch.int64 and counter.item() == 4  # integer buffers keep their dtype
