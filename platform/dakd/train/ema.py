@@ -42,6 +42,16 @@ class EMA:
     def state_dict(self) -> dict:
         return self.shadow
 
+    def restore(self, directory: str, state: dict, model: torch.nn.Module) -> None:
+        """On resume: the average saved in checkpoint `directory` (ema.safetensors, state.json's
+        ema_steps); a checkpoint without one restarts the average at `model`'s restored weights."""
+        from dakd import checkpoints as ckpt_io, storage
+
+        if storage.exists(storage.join_uri(directory, ckpt_io.EMA_FILE)):
+            self.load_state_dict(ckpt_io.load_weights(directory, ema=True), state.get("ema_steps", 0))
+        else:
+            self.reset(model)
+
     def load_state_dict(self, state: dict, steps: int) -> None:
         self.shadow = _float_copy(state)
         self.steps = int(steps)

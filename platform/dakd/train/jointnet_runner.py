@@ -10,7 +10,6 @@ optimizer state is kept when it belongs to the same stage).
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -98,8 +97,8 @@ class JointNetRunner(TrainLoopRunner):
     def load_state(self, directory: str, state: dict) -> None:
         check_arch(self.model.arch_dict(), state["arch"])
         self.model.load_state_dict(ckpt_io.load_weights(directory))
-        if self.ema is not None and os.path.exists(os.path.join(directory, ckpt_io.EMA_FILE)):
-            self.ema.load_state_dict(ckpt_io.load_weights(directory, ema=True), state.get("ema_steps", 0))
+        if self.ema is not None:
+            self.ema.restore(directory, state, self.model)
         self.opt_state, self.opt_stage = ckpt_io.load_optimizer_state(directory), state["stage"]
         self.step, self.label_initialised = int(state["step"]), bool(state.get("label_initialised"))
         self.attempt_start = self.step

@@ -86,10 +86,7 @@ class SarossRunner(TrainLoopRunner):
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
         if self.ema is not None:
-            if storage.exists(storage.join_uri(directory, ckpt_io.EMA_FILE)):
-                self.ema.load_state_dict(ckpt_io.load_weights(directory, ema=True), state.get("ema_steps", 0))
-            else:  # a run that had no EMA so far: the average starts here
-                self.ema.reset(self.model)
+            self.ema.restore(directory, state, self.model)
         self.epoch, self.best, self.step = int(state["epoch"]), state["best"], int(state["step"])
         self.attempt_start = self.epoch
         self.say(f"resumed after epoch {self.epoch}/{self.cfg.epochs}")
