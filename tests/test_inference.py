@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dakd.inference import autocast, describe_device, inference_device, precision_name, prepare_model
+from dakd.inference import (autocast, cpu_has_native_bf16, describe_device, inference_device, precision_name,
+                            prepare_model, uses_bf16)
 
 
 def _net():
@@ -39,3 +40,43 @@ def test_cuda_setup_is_bf16_channels_last():
     assert y.dtype == torch.bfloat16 and precision_name("cuda") == "bf16-autocast"
     ref = _net().cuda().eval()(x)
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_precision_setting_picks_the_autocast():
+    from dakd.config import PRECISIONS
+
+    assert PRECISIONS == ("auto", "bf16", "fp32")
+    assert [uses_bf16(d, p) for d in ("cpu", "cuda") for p in PRECISIONS] == [False, True, False, True, True, False]
+    x = torch.randn(2, 1, 8, 8)
+    net = _net().eval()
+    for precision, dtype in [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        with autocast("cpu", precision):
+            assert net(x).dtype == dtype, precision
+    assert isinstance(cpu_has_native_bf16(), bool)
+
+
+def test_bf16_training_step_on_cpu_follows_the_fp32_gradient():
+    """The sos-cpu student's training step under precision=bf16 on the CPU: float32 weights and
+    loss, and a gradient that points where the float32 step's does (cosine > 0.98, norm within 10%)."""
+    from dakd.config import SarossModelConfig
+    from dakd.models.saross import build_student
+
+    torch.manual_seed(0)
+    model = build_student(SarossModelConfig(encoder="resnet18", pretrained=None, decoder_channels=[8, 16, 32],
+                                            skip_module="caft", caft_heads=2), 2).train()
+    x, y = torch.randn(4, 1, 64, 64), torch.randint(0, 2, (4, 64, 64))
+
+    def gradient(precision):
+        model.zero_grad()
+        with autocast("cpu", precision):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    (l32, g32), (l16, g16) = gradient("fp32"), gradient("bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert abs(float(l16 - l32)) < 0.02 * float(l32)
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
+    assert abs(float(g16.norm() / g32.norm()) - 1) < 0.1

@@ -99,11 +99,15 @@ def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     import ray
 
     cfg = tiny_config(real_shards, s3_uri + "/runs", "run_stages=[1]", "stages.stage1={iterations: 4, lr: 0.003}",
-                      "tracking.enabled=false")
+                      "tracking.enabled=false", "precision=bf16")  # bf16 autocast on the CPU
     before = set(ray._private.state.actors())  # the session Ray's actors of earlier tests
     summary = run_train_jointnet(cfg)
     assert summary["checkpoint"].startswith(s3_uri) and summary["steps"] == 4
-    assert ckpt_io.read_state(summary["checkpoint"])["stages_completed"] == [1]
+    assert 0 < summary["final"]["loss"] < 10  # a finite float32 loss from the bf16 forward
+    state = ckpt_io.read_state(summary["checkpoint"])
+    assert state["stages_completed"] == [1] and state["config"]["precision"] == "bf16"
+    weights = ckpt_io.load_teacher(summary["checkpoint"])[0].state_dict().values()
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights if w.is_floating_point())
     assert json.loads(storage.read_text(storage.join_uri(s3_uri, "runs", "jointnet", "latest.json")))["step"] == 4
     # the test Ray, like dakd's local one, has no dashboard: no PlacementGroupCleaner polling
     # a state API that is not there (or another Ray's on this host)

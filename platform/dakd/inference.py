@@ -46,12 +46,25 @@ def setup_actor(load_model, gpus: float, threads: int, *, compile: bool = False
     return device, prepare_model(load_model(), device, compile=compile)
 
 
-def autocast(device: torch.device | str, bf16: bool = True):
-    """Context: bf16 autocast on CUDA (unless bf16=False: float32), nothing elsewhere."""
+def uses_bf16(device: torch.device | str, precision: str = "auto") -> bool:
+    """Whether the network runs in bf16 autocast for a `precision` setting (config.PRECISIONS):
+    'auto' on CUDA only, 'bf16' on any device, 'fp32' never."""
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """Context: bf16 autocast where `uses_bf16(device, precision)`, nothing otherwise."""
     device = torch.device(device)
-    if device.type == "cuda" and bf16:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if uses_bf16(device, precision):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AMX tiles or AVX512-BF16), where
+    bf16 autocast beats float32; elsewhere oneDNN emulates bf16 and it is slower."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def precision_name(device: torch.device | str) -> str:

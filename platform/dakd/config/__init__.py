@@ -13,7 +13,7 @@ models' field defaults; presets (dakd/presets/*.yaml) and job YAML files overrid
 Everything is importable from `dakd.config`.
 """
 
-from dakd.config.base import (LABEL_LOSSES, LOSS_MODES, PIPELINE_STAGES, SAMPLERS, SENSORS, SKIP_MODULES,
+from dakd.config.base import (LABEL_LOSSES, LOSS_MODES, PIPELINE_STAGES, PRECISIONS, SAMPLERS, SENSORS, SKIP_MODULES,
                               SOFT_SYNTHETIC, ActorPool, DataParallel, LabelLoss, Location, LossMode, OnError, Output,
                               PipelineStage, RayConfig, RunName, Sampler, Sensor, SkipModule, SoftSynthetic, Strict,
                               TrackingConfig, absolute_location)
@@ -27,7 +27,7 @@ from dakd.config.teacher import (EvaluateSynthesisConfig, JointNetModelConfig, J
 from dakd.config.workflows import JOB_CONFIGS, PipelineConfig, TuneConfig
 
 __all__ = [
-    "LABEL_LOSSES", "LOSS_MODES", "PIPELINE_STAGES", "SAMPLERS", "SENSORS", "SKIP_MODULES", "SOFT_SYNTHETIC", "ActorPool", "DataParallel",
+    "LABEL_LOSSES", "LOSS_MODES", "PIPELINE_STAGES", "PRECISIONS", "SAMPLERS", "SENSORS", "SKIP_MODULES", "SOFT_SYNTHETIC", "ActorPool", "DataParallel",
     "LabelLoss", "Location", "LossMode", "OnError", "Output", "PipelineStage", "RayConfig", "RunName", "Sampler",
     "Sensor", "SkipModule", "SoftSynthetic", "Strict", "TrackingConfig", "absolute_location",
     "PRESET_SECTIONS", "PRESETS_DIR", "dump_config", "load_config", "load_preset", "parse_override", "preset_names",

@@ -121,7 +121,7 @@ def sample(model, *, sampler: str, steps: int, b: float, seeds: list[int], heigh
     nfe = 0
     out = None
     for i, t in enumerate(sched.timesteps):
-        with autocast(device, bf16):
+        with autocast(device, "auto" if bf16 else "fp32"):
             x_hat, out = model(z[:, :1], z[:, 1:], t_all[i].expand(batch))
         nfe += 1
         x0, y0 = predictions_to_x0(x_hat, out, b, label_loss)

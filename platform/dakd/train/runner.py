@@ -86,6 +86,10 @@ class TrainLoopRunner:
         self.step = 0
         self.logger = None
         self.setup()
+        from dakd.inference import cpu_has_native_bf16
+
+        if self.cfg.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            self.say("warning: precision bf16 on a CPU without AMX or AVX512-BF16 runs slower than fp32")
 
     # ------------------------------------------------------------ what a job fills in
     def setup(self) -> None:
@@ -141,8 +145,10 @@ class TrainLoopRunner:
                                         dtypes=dtypes)
 
     def autocast(self):
-        """bf16 autocast on CUDA, nothing on the CPU."""
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """The training step's autocast context for the `precision` setting (dakd.inference.autocast)."""
+        from dakd.inference import autocast
+
+        return autocast(self.device, self.cfg.precision)
 
     def optimizer_step(self, loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, where: str) -> None:
         """Backward, clip to `grad_clip`, and step, unless the loss or the gradient norm is not
