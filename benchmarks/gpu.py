@@ -160,11 +160,11 @@ def bench_synthesis(cfg: dict, device: torch.device, budget, compile: bool = Fal
                 model = compiled
             seeds = list(range(bs))
             t0 = time.perf_counter()
-            sample(model, seeds=seeds, bf16=bf16, **{**kw, "steps": 1})  # warm-up (and compile)
+            sample(model, seeds=seeds, precision="bf16" if bf16 else "fp32", **{**kw, "steps": 1})  # warm-up (and compile)
             sync(device)
             warm = time.perf_counter() - t0
             t0 = time.perf_counter()
-            sample(model, seeds=seeds, bf16=bf16, **kw)
+            sample(model, seeds=seeds, precision="bf16" if bf16 else "fp32", **kw)
             sync(device)
             dt = time.perf_counter() - t0
             rows.append({**row, "samples_per_s": round(bs / dt, 3), "ms_per_forward": round(1000 * dt / kw["steps"], 2),

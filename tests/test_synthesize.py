@@ -242,6 +242,32 @@ def test_sample_seven_same_for_any_n_batched_and_exact(teacher, tmp_path):
     assert gen["seed"] == [sample_seed(0, i) for i in range(4, 9)] and gen["nfe"] == STEPS
 
 
+def test_bf16_set_has_its_own_identity(teacher, tmp_path, capsys):
+    """precision=bf16 on the CPU: the actors write what the sampler gives under bf16 autocast
+    (an independent in-process call), close to the float32 samples; the set's identity and
+    hardware name the precision, and a float32 run into it is refused with nothing changed."""
+    out = str(tmp_path / "bf16")
+    run_synthesize(synth_cfg(teacher, out, "count=6", "batch_size=3", "precision=bf16"))
+    m = shards.open_shard_set(out).manifest
+    assert m["identity"]["precision"] == "bf16" and [h["precision"] for h in m["hardware"]] == ["bf16-autocast"]
+    got, st = records(out), teacher["state"]
+    for lo in (0, 3):
+        kw = dict(sampler="ddim", steps=STEPS, b=float(st["b"]), seeds=[sample_seed(0, j) for j in range(lo, lo + 3)],
+                  height=32, width=32, device="cpu", num_classes=5,
+                  num_train_timesteps=int(st["num_train_timesteps"]), label_loss=st["label_loss"])
+        o16, o32 = sample(teacher["model"], precision="bf16", **kw), sample(teacher["model"], **kw)
+        for n in range(3):
+            rec = got[str(lo + n)]
+            np.testing.assert_array_equal(rec["image"], denormalize_image(o16.images[n, 0]).numpy())
+            np.testing.assert_array_equal(rec["logits"], o16.logits[n].numpy().astype(np.float16))
+            assert np.abs(rec["logits"].astype(np.float32) - o32.logits[n].numpy()).mean() < 0.05
+            assert (rec["mask"] == o32.logits[n].argmax(0).numpy()).mean() > 0.9
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bf16").rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match="precision=.bf16."):
+        run_synthesize(synth_cfg(teacher, out, "count=6", "batch_size=3"))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "bf16").rglob("*") if p.is_file()} == before
+
+
 def test_actor_dying_mid_range_is_retried_exactly_once(teacher, tmp_path, monkeypatch):
     marker = tmp_path / "died"
     monkeypatch.setenv("DAKD_SYNTH_DIE_AT_RANGE", f"1:{marker}")

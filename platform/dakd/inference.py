@@ -67,9 +67,9 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def precision_name(device: torch.device | str) -> str:
-    """'bf16-autocast' on CUDA, 'fp32' elsewhere (recorded in provenance)."""
-    return "bf16-autocast" if torch.device(device).type == "cuda" else "fp32"
+def precision_name(device: torch.device | str, precision: str = "auto") -> str:
+    """'bf16-autocast' where `uses_bf16(device, precision)`, else 'fp32' (recorded in provenance)."""
+    return "bf16-autocast" if uses_bf16(device, precision) else "fp32"
 
 
 def describe_device(device: torch.device | str) -> str:

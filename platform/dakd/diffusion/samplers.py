@@ -10,8 +10,8 @@ The two modalities share one solver: its step is elementwise with per-step scala
 coefficients, so stepping the channel-concatenated state (B, 1+C, H, W) once equals
 stepping x and y' apart, at half the per-step Python cost.
 
-Device: the forward runs under `dakd.inference.autocast` (bf16 on CUDA, float32 on the
-CPU); the solver state stays float32.
+Device: the forward runs under `dakd.inference.autocast` (by default bf16 on CUDA, float32
+on the CPU; `precision`); the solver state stays float32.
 
 Determinism: sample i's initial noise comes from its own ``torch.Generator`` seeded with
 ``seeds[i]`` (drawn on the CPU, so identical on any device) and both solvers add no
@@ -97,13 +97,14 @@ def predictions_to_x0(x_hat: torch.Tensor, out: torch.Tensor, b: float, label_lo
 @torch.no_grad()
 def sample(model, *, sampler: str, steps: int, b: float, seeds: list[int], height: int, width: int,
            device: torch.device | str, num_classes: int, num_train_timesteps: int,
-           label_loss: str = "ce", bf16: bool = True) -> SampleBatch:
+           label_loss: str = "ce", precision: str = "auto") -> SampleBatch:
     """Generate len(seeds) (image, logits) pairs with ``model(x_t, y_t, t) -> (x̂, logits)``.
 
     sampler: "ddim" | "dpmsolver++" | "unipc"; steps: solver steps (= nfe); b: balancing factor;
     num_train_timesteps: T of the training schedule; label_loss: how Label-Net was trained
     ("ce": outputs logits, mapped by Eq. 21; "mse": outputs the label signal itself, then
-    `logits` holds that signal); bf16: autocast the forward on CUDA (False: float32).
+    `logits` holds that signal); precision: the forward's arithmetic (config.PRECISIONS; "auto":
+    bf16 autocast on CUDA, float32 on the CPU).
     The model is used as given (call .eval() / `dakd.inference.prepare_model` beforehand).
     Returns a SampleBatch on `device`.
     """
@@ -121,7 +122,7 @@ def sample(model, *, sampler: str, steps: int, b: float, seeds: list[int], heigh
     nfe = 0
     out = None
     for i, t in enumerate(sched.timesteps):
-        with autocast(device, "auto" if bf16 else "fp32"):
+        with autocast(device, precision):
             x_hat, out = model(z[:, :1], z[:, 1:], t_all[i].expand(batch))
         nfe += 1
         x0, y0 = predictions_to_x0(x_hat, out, b, label_loss)

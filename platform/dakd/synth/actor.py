@@ -41,7 +41,8 @@ def generate(model, identity: dict, ids: list[int], device, after_batch=None) ->
         out = sample(model, sampler=identity["sampler"], steps=identity["steps"], b=identity["b"],
                      seeds=[sample_seed(identity["seed"], i) for i in range(lo, hi)], height=identity["size"],
                      width=identity["size"], device=device, num_classes=identity["num_classes"],
-                     num_train_timesteps=identity["num_train_timesteps"], label_loss=identity["label_loss"])
+                     num_train_timesteps=identity["num_train_timesteps"], label_loss=identity["label_loss"],
+                     precision=identity.get("precision", "auto"))
         keep = slice(max(start, lo) - lo, min(stop, hi) - lo)
         images.append(denormalize_image(out.images[keep, 0]).cpu().numpy())
         masks.append(out.masks[keep].cpu().numpy())
@@ -88,7 +89,8 @@ class SynthActor:
         self.device, self.model = setup_actor(teacher, job["gpus_per_actor"], job["torch_threads"],
                                               compile=job.get("compile", False))
         # provenance: a re-run of a range writes the same samples on the same hardware
-        self.hardware = {"device": describe_device(self.device), "precision": precision_name(self.device),
+        precision = precision_name(self.device, job["identity"].get("precision", "auto"))
+        self.hardware = {"device": describe_device(self.device), "precision": precision,
                          "torch": torch.__version__, "torch_threads": int(job["torch_threads"])}
 
     def sample(self, k: int, ids: list[int], after_batch=None) -> dict:

@@ -134,10 +134,11 @@ def check_output(output: str, identity: dict, ranges: list[tuple], overwrite: bo
     elsewhere = {g: read_footers(found) for g, found in parts.items() if g != generation}
     foreign = None
     if manifest is not None and (manifest.get("kind") != "synthetic" or manifest.get("identity") != identity):
+        theirs = manifest.get("identity", {})
         foreign = ("holds a shard set of another kind" if manifest.get("kind") != "synthetic" else
                    "holds a synthetic set of another teacher or config (identity "
-                   + ", ".join(f"{k}={manifest.get('identity', {}).get(k)!r}" for k in identity
-                               if manifest.get("identity", {}).get(k) != identity[k]) + ")")
+                   + ", ".join(f"{k}={theirs.get(k)!r}" for k in identity | theirs if theirs.get(k) != identity.get(k))
+                   + ")")
     elif other_files:
         foreign = f"holds shards of other splits ({other_files[0]})"
     else:

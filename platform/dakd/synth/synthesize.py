@@ -92,6 +92,8 @@ def teacher_info(cfg: SynthesizeConfig) -> dict:
         "batch_size": 1 if cfg.exact else int(cfg.batch_size),
         "num_train_timesteps": int(state["num_train_timesteps"]), "label_loss": state["label_loss"],
     }
+    if cfg.precision != "auto":  # absent: auto (the sets written before the setting existed stay valid)
+        identity["precision"] = cfg.precision
     return {"location": location, "state": state, "classes": classes, "identity": identity}
 
 
