@@ -4,7 +4,8 @@
 On a CUDA device the network runs in bf16 autocast (weights stay float32; outputs are cast
 back to float32 by the callers) with channels_last weights (faster convolutions on tensor
 cores); `compile=True` wraps it in ``torch.compile``. On the CPU it runs in float32 as
-given, so CPU results (and the tests) do not depend on these settings.
+given, so CPU results (and the tests) do not depend on these settings, unless a job's
+`precision: bf16` asks for bf16 autocast there too (`autocast`, `uses_bf16`).
 """
 
 from __future__ import annotations
