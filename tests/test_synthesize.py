@@ -242,7 +242,7 @@ def test_sample_seven_same_for_any_n_batched_and_exact(teacher, tmp_path):
     assert gen["seed"] == [sample_seed(0, i) for i in range(4, 9)] and gen["nfe"] == STEPS
 
 
-def test_bf16_set_has_its_own_identity(teacher, tmp_path, capsys):
+def test_bf16_set_has_its_own_identity(teacher, tmp_path):
     """precision=bf16 on the CPU: the actors write what the sampler gives under bf16 autocast
     (an independent in-process call), close to the float32 samples; the set's identity and
     hardware name the precision, and a float32 run into it is refused with nothing changed."""

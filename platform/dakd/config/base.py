@@ -112,8 +112,8 @@ class DataParallel(Strict):
     torch_threads: int = Field(1, ge=1)
     precision: Precision = Field("auto", description=(
         "the training step's arithmetic: auto = bf16 autocast on CUDA, float32 on the CPU; bf16 = bf16 "
-        "autocast on any device (on a CPU with AMX or AVX512-BF16 about 1.5-1.8x faster than float32; "
-        "slower on one without); fp32 = float32 everywhere. Weights and optimizer state stay float32"))
+        "autocast on any device (on a CPU with AMX or AVX512-BF16 a step takes 0.6-0.7 of float32's, "
+        "benchmarks/precision.py; slower on one without); fp32 = float32 everywhere. Weights and optimizer state stay float32"))
 
     @model_validator(mode="after")
     def _global_batch(self):

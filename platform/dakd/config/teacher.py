@@ -118,7 +118,7 @@ class SynthesizeConfig(ActorPool):
     compile: bool = Field(False, description="wrap the teacher in torch.compile (GPU; slow start-up)")
     precision: Precision = Field("auto", description=(
         "the forward's arithmetic, part of the set's identity: auto = bf16 autocast on CUDA, float32 on the "
-        "CPU; bf16 = autocast on any device (about 2x float32 on a CPU with AMX or AVX512-BF16); fp32"))
+        "CPU; bf16 = autocast on any device (faster than float32 on a CPU with AMX or AVX512-BF16); fp32"))
     actors_min: int = Field(1, ge=1)
     actors_max: int = Field(2, ge=1)
     contact_sheet_count: int = Field(64, ge=0, description="first samples shown in contact_sheet.png")
