@@ -129,7 +129,8 @@ def mlflow_server(tmp_path_factory):
 
 
 # `dakd pipeline` overrides for the smallest run that still has every stage and two students
-# (shared by test_pipeline and test_report through the `tiny_pipeline` fixture).
+# (shared by test_pipeline and test_report through the `tiny_pipeline` fixture). One Train
+# worker each: DDP inside a pipeline is tested on the two-node cluster (test_multinode).
 TINY_PIPELINE = [
     "source.procedural.splits={train: 10, test: 4}", "source.val_fraction=0.25", "source.procedural.height=32",
     "source.procedural.width=32", "rows_per_file=4",
@@ -137,12 +138,12 @@ TINY_PIPELINE = [
     "jointnet.model.attention_levels=[1]", "jointnet.model.norm_num_groups=4", "jointnet.model.attention_head_dim=4",
     "jointnet.stages.stage1={iterations: 2, lr: 0.001}", "jointnet.stages.stage2={iterations: 2, lr: 0.001}",
     "jointnet.stages.stage3={iterations: 2, lr: 0.001}", "jointnet.crop_size=32", "jointnet.batch_size_per_worker=2",
-    "jointnet.num_workers=2", "jointnet.checkpoint_every=2", "jointnet.log_every=2", "jointnet.sample_every=6",
+    "jointnet.num_workers=1", "jointnet.checkpoint_every=2", "jointnet.log_every=2", "jointnet.sample_every=6",
     "jointnet.sample_count=2", "jointnet.sample_steps=2", "jointnet.num_train_timesteps=50",
     "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=4", "synthesize.batch_size=4",
     "synthesize.actors_max=1", "evaluate_synthesis.features=pixels",
     "saross.model.encoder=resnet18", "saross.model.decoder_channels=[8, 8, 8]", "saross.model.caft_heads=2",
-    "saross.crop_size=32", "saross.epochs=1", "saross.global_batch_size=4", "saross.num_workers=2",
+    "saross.crop_size=32", "saross.epochs=1", "saross.global_batch_size=4", "saross.num_workers=1",
     "saross.mosaic=false", "saross.overlay_count=1", "evaluate.overlay_count=1",
 ]
 

@@ -24,7 +24,7 @@ def test_pipeline_runs_tracks_and_skips(tiny_pipeline, capsys, mlflow_server, ra
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     parent = client.get_run(first["mlflow_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.params["jointnet.num_workers"] == "2"
+    assert parent.info.status == "FINISHED" and parent.data.params["jointnet.num_workers"] == "1"  # default 2
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["dakd.job"] for r in children) == [

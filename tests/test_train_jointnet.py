@@ -1,5 +1,7 @@
 """SAR-JointNet on a real local Ray cluster: three stages with 2 DDP workers (gloo),
-resume after an interruption inside stage 2, checkpoints on file:// and s3://, bad input."""
+resume after an interruption inside stage 2, checkpoints on file:// and s3://, bad input.
+Tests whose point is not DDP run one Train worker: each worker is a process that imports
+torch and diffusers (about 5 s of CPU)."""
 
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     import ray
 
     cfg = tiny_config(real_shards, s3_uri + "/runs", "run_stages=[1]", "stages.stage1={iterations: 4, lr: 0.003}",
-                      "tracking.enabled=false", "precision=bf16")  # bf16 autocast on the CPU
+                      "tracking.enabled=false", "precision=bf16", "num_workers=1")  # bf16 autocast on the CPU
     before = set(ray._private.state.actors())  # the session Ray's actors of earlier tests
     summary = run_train_jointnet(cfg)
     assert summary["checkpoint"].startswith(s3_uri) and summary["steps"] == 4
@@ -155,7 +157,7 @@ def test_bad_input_is_refused_before_training(real_shards, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_loss_stops_and_names_the_step(real_shards, tmp_path):
     cfg = tiny_config(real_shards, str(tmp_path / "nan"), "run_stages=[1]", "stages.stage1={iterations: 40, lr: 1.0e+30}",
-                      "grad_clip=1.0e+30", "checkpoint_every=1", "tracking.enabled=false")
+                      "grad_clip=1.0e+30", "checkpoint_every=1", "tracking.enabled=false", "num_workers=1")
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step \d+") as err:
         run_train_jointnet(cfg)
     bad_step = int(str(err.value).split("at step ")[1].split()[0])
@@ -176,7 +178,7 @@ def test_cli_sample_grid(real_shards, tmp_path, capsys):
     out = str(tmp_path / "runs")
     assert main(["train-jointnet", "--output", out, *sum([["--set", s] for s in TINY], []), "--set", f"shards={real_shards}",
                  "--set", "run_stages=[1, 2]", "--set", "stages.stage2={iterations: 2, lr: 0.001}",
-                 "--set", "tracking.enabled=false", "--json"]) == 0
+                 "--set", "tracking.enabled=false", "--set", "num_workers=1", "--json"]) == 0
     capsys.readouterr()
     png = str(tmp_path / "grid.png")
     assert main(["sample", "--set", f"checkpoint={out}/jointnet", "--output", png, "--set", "count=3",

@@ -1,7 +1,8 @@
-"""SAROSS-Net training (DAKD) on a real local Ray cluster with 2 DDP workers (gloo):
-the Ray Data feed of real crops + synthetic mosaics, soft / hard / real-only modes,
-resume, the best checkpoint by val mIoU, MLflow (metrics, overlays, a registered model
-loadable by `models:/`), and bad input refused before training."""
+"""SAROSS-Net training (DAKD) on a real local Ray cluster (the soft run with 2 DDP workers,
+gloo; the others with one, as each worker process costs seconds of imports): the Ray Data
+feed of real crops + synthetic mosaics, soft / hard / real-only modes, resume, the best
+checkpoint by val mIoU, MLflow (metrics, overlays, a registered model loadable by
+`models:/`), and bad input refused before training."""
 
 from __future__ import annotations
 
@@ -228,7 +229,7 @@ def test_soft_dakd_training_best_checkpoint_and_mlflow_model(data, tmp_path, mlf
 @pytest.mark.slow
 def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     out = str(tmp_path / "runs")
-    ro = ("loss.mode=real-only", "run_name=ro", "tracking.enabled=false", "ema_decay=0.9")
+    ro = ("loss.mode=real-only", "run_name=ro", "tracking.enabled=false", "ema_decay=0.9", "num_workers=1")
     first = run_train_saross(config(data, out, *ro, "epochs=1"))
     assert first["epochs"] == 1 and first["data"]["synthetic"] == 0
     # compute-matched: the synthetic half of the epoch is filled with real crops, so real-only
@@ -252,7 +253,7 @@ def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     with pytest.raises(ConfigError, match="val_split=test: the best checkpoint would be chosen on the split"):
         config(data, out, "val_split=test")
     hard = run_train_saross(config(data, out, "loss.mode=hard", "epochs=1", "run_name=hard", "tracking.enabled=false",
-                                   "synthetic_share=0.2", "val_split=test", "select_on_test=true"))
+                                   "synthetic_share=0.2", "val_split=test", "select_on_test=true", "num_workers=1"))
     assert hard["data"]["synthetic"] == synthetic_count(8, 0.2) == 2 and hard["epochs"] == 1
     # selecting on test when asked for explicitly: flagged in the summary and best.json
     assert hard["selected_on"] == "test" and hard["selected_on_test"] is True

@@ -1,7 +1,7 @@
 """`dakd tune` on a real local Ray cluster and a real MLflow server: Ray Tune trials that
-each run Ray Train jobs (student sweep: 2 T x 2 λ_kd; teacher sweep: 2 b values with FID),
-ASHA stopping a trial that must be stopped, an interrupted sweep on S3 resumed without
-re-running finished trials, and bad input refused before any trial."""
+each run Ray Train jobs (student sweep: 2 T x 1 λ_kd, two parameters in two trials; teacher
+sweep: 2 b values with FID), ASHA stopping a trial that must be stopped, an interrupted sweep
+on S3 resumed without re-running finished trials, and bad input refused before any trial."""
 
 from __future__ import annotations
 
@@ -51,20 +51,20 @@ def mlflow_runs(uri: str, experiment: str) -> tuple:
 
 
 @pytest.mark.slow
-def test_student_sweep_four_trials_mlflow_and_best_config(data, tmp_path, mlflow_server):
+def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_server):
     exp = f"tune-{uuid.uuid4().hex[:6]}"
-    space = "{student.loss.temperature: {grid: [1.0, 3.0]}, student.loss.lambda_kd: {grid: [0.1, 0.5]}}"
+    space = "{student.loss.temperature: {grid: [1.0, 3.0]}, student.loss.lambda_kd: {grid: [0.5]}}"
     cfg = tune_config(data, str(tmp_path / "sweeps"), space, "name=kd", f"tracking.uri={mlflow_server}",
                       f"tracking.experiment={exp}", "student.output=runs/mine", "student.run_name=best-student",
-                      "max_concurrent_trials=4")
+                      "max_concurrent_trials=2")
     summary = run_tune(cfg)
-    assert summary["trials"] == 4 and summary["completed"] == 4 and not summary["resumed"]
+    assert summary["trials"] == 2 and summary["completed"] == 2 and not summary["resumed"]
 
     client, parents, runs = mlflow_runs(mlflow_server, exp)
     assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow_run_id"]
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4 and len(runs) == 5
+    assert len(children) == 2 and len(runs) == 3
     # each child: the trial's values as params, one val/miou per epoch, tagged with its trial
     pairs, miou = set(), {}
     for run in children:
@@ -74,7 +74,7 @@ def test_student_sweep_four_trials_mlflow_and_best_config(data, tmp_path, mlflow
         assert [m.step for m in hist] == [1]
         miou[run.data.tags["dakd.tune.trial_id"]] = hist[0].value
         assert run.info.status == "FINISHED" and run.data.tags["dakd.tune.status"] == "completed"
-    assert pairs == set(itertools.product([1.0, 3.0], [0.1, 0.5]))
+    assert pairs == set(itertools.product([1.0, 3.0], [0.5]))
     table = {r["trial_id"]: r for r in summary["table"]}
     assert set(table) == set(miou)
     for trial_id, value in miou.items():  # Tune's view (from the workers' reports) = MLflow's
