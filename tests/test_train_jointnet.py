@@ -119,6 +119,35 @@ def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     assert not any("PlacementGroupCleaner" in c for c in classes), classes
 
 
+def test_one_worker_reads_the_same_epochs_without_a_split(real_shards):
+    """One Train worker gets the whole dataset (no streaming_split, so no SplitCoordinator
+    process): its epochs are the ones the split of two workers would hand out together, and
+    each epoch draws new crops."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dakd.data.shards import open_shard_set
+    from dakd.train.feed import real_dataset
+    from dakd.train.runner import data_config
+
+    assert data_config(1)._datasets_to_split == [] and data_config(2)._datasets_to_split == "all"
+
+    def epochs(workers: int) -> list[list[bytes]]:
+        ds = real_dataset(open_shard_set(real_shards), "train", 16, seed=3)
+        shards = data_config(workers).configure({"train": ds}, world_size=workers, worker_handles=None,
+                                                worker_node_ids=None)
+        its = [pickle.loads(pickle.dumps(s["train"])) for s in shards]  # as they reach the workers
+
+        def rows(it) -> list[bytes]:
+            return [bytes(x) for b in it.iter_batches(batch_size=4) for x in b["image"]]
+
+        with ThreadPoolExecutor(len(its)) as pool:  # the split's workers read at the same time
+            return [sorted(sum(pool.map(rows, its), [])) for _ in range(2)]
+
+    one, two = epochs(1), epochs(2)
+    assert len(one[0]) == 16 and one == two and one[0] != one[1]
+
+
 def test_placement_group_cleaner_kept_only_where_a_dashboard_serves_it():
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 

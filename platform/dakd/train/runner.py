@@ -211,9 +211,20 @@ def make_trainer(cfg, loop_fn: Callable[[dict], None], loop: LoopConfig, dataset
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": dataset},
+        dataset_config=data_config(cfg.num_workers),
         run_config=RunConfig(name=cfg.run_name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.max_failures), checkpoint_config=keep),
     )
+
+
+def data_config(num_workers: int):
+    """Ray Train's DataConfig for `num_workers` workers. One worker reads the whole dataset in
+    its own process: `streaming_split` would add a SplitCoordinator actor (one more process
+    per run, and an RPC per block) to hand all of it to that one worker. The epoch's draws
+    are the same either way (one Ray Data execution per epoch; data.feed)."""
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split="all" if num_workers > 1 else [])
 
 
 def _trainer_class():
