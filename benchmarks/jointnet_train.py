@@ -39,6 +39,7 @@ from dakd.data.mosaic import random_crop_flip  # noqa: E402
 from dakd.data.shards import open_shard_set  # noqa: E402
 from dakd.data.transforms import normalize_image  # noqa: E402
 from dakd.diffusion.schedule import make_train_scheduler, sample_timesteps, sar_loss  # noqa: E402
+from dakd.inference import autocast  # noqa: E402
 from dakd.train.ema import EMA  # noqa: E402
 from dakd.train.jointnet import build_model, run_train_jointnet  # noqa: E402
 
@@ -48,8 +49,8 @@ TINY_MODEL = ["model.block_out_channels=[16, 32]", "model.layers_per_block=1", "
 
 
 def bare_steps_per_s(cfg: TrainJointNetConfig, steps: int) -> float:
-    """train-jointnet's stage-1 step (same model, loss, AdamW, clipping, EMA, batch; a random
-    crop + flips per sample) in this process; the first quarter of the steps is warm-up."""
+    """train-jointnet's stage-1 step (same model, loss, AdamW, clipping, EMA, batch, precision;
+    a random crop + flips per sample) in this process; the first quarter of the steps is warm-up."""
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(0)
     shard_set = open_shard_set(cfg.shards)
@@ -69,7 +70,8 @@ def bare_steps_per_s(cfg: TrainJointNetConfig, steps: int) -> float:
             image, _ = random_crop_flip(records[j]["image"], records[j]["mask"], cfg.crop_size, rng, str(j))
             crops.append(normalize_image(image)[None])
         x0 = torch.from_numpy(np.stack(crops))
-        out = sar_loss(model, sched, x0, sample_timesteps(sched, len(crops), "cpu"), torch.randn_like(x0))
+        with autocast("cpu", cfg.precision):  # the job's precision (the sos-cpu preset trains in bf16)
+            out = sar_loss(model, sched, x0, sample_timesteps(sched, len(crops), "cpu"), torch.randn_like(x0))
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -140,7 +142,8 @@ def main() -> None:
         two = ray_steps_per_s(two_cfg)
         load_two = os.getloadavg()[0]
     print(f"SAR-JointNet stage 1 on {what}: crop {one_cfg.crop_size}, batch {one_cfg.per_worker_batch}/worker, "
-          f"U-Net {one_cfg.model.block_out_channels}, {one_cfg.torch_threads} torch thread(s), cores: {os.cpu_count()}")
+          f"U-Net {one_cfg.model.block_out_channels}, precision {one_cfg.precision}, "
+          f"{one_cfg.torch_threads} torch thread(s), cores: {os.cpu_count()}")
     print(f"bare process loop      : {bare:7.2f} steps/s   (load {load_bare:.1f})")
     print(f"Ray Train, 1 worker    : {one:7.2f} steps/s   ratio to bare {one / bare:5.2f} (goal >= 0.95)  (load {load_one:.1f})")
     print(f"Ray Train, 2 workers   : {two:7.2f} steps/s   samples/s ratio 2 vs 1 workers {2 * two / one:5.2f}"
