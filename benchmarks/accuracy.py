@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     overrides = (SMOKE if args.smoke else []) + args.sets
+    from dakd.inference import describe_cpu
+
+    machine = describe_cpu()  # runs on other CPUs are not comparable
     t0 = time.perf_counter()
     results = []
     os.makedirs(args.output, exist_ok=True)
@@ -201,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(results[-1]), flush=True)
         load = os.getloadavg()
         with open(os.path.join(args.output, "accuracy.json"), "w") as f:  # after each sensor: a stopped run keeps it
-            json.dump({"results": results, "load": load, "overrides": overrides}, f, indent=2, default=float)
-    footer = (f"\nwhole run {time.perf_counter() - t0:.0f} s on {os.cpu_count()} cores, load average "
+            json.dump({"results": results, "load": load, "overrides": overrides, "machine": machine}, f, indent=2,
+                      default=float)
+    footer = (f"\nwhole run {time.perf_counter() - t0:.0f} s on {machine}, load average "
               f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min). No figure was tuned on the test folder.")
     print(footer, flush=True)
     return 0

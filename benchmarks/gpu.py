@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from dakd.data.classes import SOS_CLASSES  # noqa: E402
 from dakd.diffusion.samplers import sample  # noqa: E402
 from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_timesteps  # noqa: E402
-from dakd.inference import autocast, describe_device, prepare_model  # noqa: E402
+from dakd.inference import autocast, describe_cpu, describe_device, prepare_model  # noqa: E402
 from dakd.models.jointnet import JointNet  # noqa: E402
 
 PAPER_CAFT = {"params_m": 0.89, "gflops": 11.45, "latency_ms_rtx2080": 45.28}
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(1)  # CPU (smoke) runs: one thread, no oversubscription on a shared machine
     cfg = sizes(args.smoke or device.type == "cpu")
     res = {"device": describe_device(device), "mode": "smoke" if args.smoke else "full", "torch": torch.__version__,
-           "python": _platform.python_version(), "cpu_count": os.cpu_count(), "load_start": load(),
+           "python": _platform.python_version(), "cpu": describe_cpu(), "cpu_count": os.cpu_count(),
+           "load_start": load(),
            "sections": {}}
     root = tempfile.mkdtemp(prefix="dakd-gpu-bench-")
     try:

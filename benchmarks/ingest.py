@@ -94,7 +94,9 @@ def main() -> None:
         ray.shutdown()
     plain_s, again_s = statistics.median(plain), statistics.median(again)
 
-    print(f"images: {n} of {args.size}x{args.size}, {args.rows_per_file} per file, cores: {os.cpu_count()}")
+    from dakd.inference import describe_cpu
+
+    print(f"images: {n} of {args.size}x{args.size}, {args.rows_per_file} per file; machine: {describe_cpu()}")
     print(f"plain single-process loop        : {n / plain_s:8.1f} images/s (median of {args.repeats}; load {load_plain:.1f})")
     print(f"dakd ingest, first in this Ray   : {n / first_s:8.1f} images/s (load {load_first:.1f})")
     print(f"dakd ingest, again (Ray Data up) : {n / again_s:8.1f} images/s (median of {args.repeats}; load {load_again:.1f})")

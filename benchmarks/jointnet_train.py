@@ -39,7 +39,7 @@ from dakd.data.mosaic import random_crop_flip  # noqa: E402
 from dakd.data.shards import open_shard_set  # noqa: E402
 from dakd.data.transforms import normalize_image  # noqa: E402
 from dakd.diffusion.schedule import make_train_scheduler, sample_timesteps, sar_loss  # noqa: E402
-from dakd.inference import autocast  # noqa: E402
+from dakd.inference import autocast, describe_cpu  # noqa: E402
 from dakd.train.ema import EMA  # noqa: E402
 from dakd.train.jointnet import build_model, run_train_jointnet  # noqa: E402
 
@@ -143,7 +143,7 @@ def main() -> None:
         load_two = os.getloadavg()[0]
     print(f"SAR-JointNet stage 1 on {what}: crop {one_cfg.crop_size}, batch {one_cfg.per_worker_batch}/worker, "
           f"U-Net {one_cfg.model.block_out_channels}, precision {one_cfg.precision}, "
-          f"{one_cfg.torch_threads} torch thread(s), cores: {os.cpu_count()}")
+          f"{one_cfg.torch_threads} torch thread(s); machine: {describe_cpu()}")
     print(f"bare process loop      : {bare:7.2f} steps/s   (load {load_bare:.1f})")
     print(f"Ray Train, 1 worker    : {one:7.2f} steps/s   ratio to bare {one / bare:5.2f} (goal >= 0.95)  (load {load_one:.1f})")
     print(f"Ray Train, 2 workers   : {two:7.2f} steps/s   samples/s ratio 2 vs 1 workers {2 * two / one:5.2f}"

@@ -92,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="measured steps per precision and row")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the preset's)")
     args = parser.parse_args(argv)
-    from dakd.inference import cpu_has_native_bf16
+    from dakd.inference import describe_cpu
 
     torch.set_num_threads(args.threads)
-    print(f"CPU native bf16 (AMX or AVX512-BF16): {cpu_has_native_bf16()}; torch {torch.__version__}, "
-          f"{args.threads} threads, {os.cpu_count()} cores")
+    print(f"machine: {describe_cpu()}; torch {torch.__version__}, {args.threads} threads")
     print("| step (sos-cpu recipe) | fp32 s/step | bf16 s/step | bf16 / fp32 | load |")
     print("|---|---|---|---|---|")
     for name, step in recipe_steps().items():

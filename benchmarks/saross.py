@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from dakd.models.caft import CAFT  # noqa: E402
 from dakd.models.decoder import UNetPlusPlusDecoder  # noqa: E402
 from dakd.models.encoders import build_encoder  # noqa: E402
+from dakd.inference import describe_cpu  # noqa: E402
 
 PAPER = {"conv3x3": {"params_m": 6.95, "gflops": 37.06}, "caft": {"params_m": 0.89, "gflops": 11.45}}
 VARIANTS = ("none", "conv3x3", "caft")
@@ -128,7 +129,8 @@ def main() -> None:
         enc_s = time.perf_counter() - t0
     print(f"encoder {args.encoder}: {count(enc) / 1e6:.2f}M params, channels {enc.channels}, "
           f"CPU forward {1000 * enc_s:.0f} ms at {args.size}x{args.size} ({args.threads} threads)")
-    print(f"decoder channels {args.decoder_channels}, CAFT heads {args.heads}, batch 1, {args.size}x{args.size}\n")
+    print(f"decoder channels {args.decoder_channels}, CAFT heads {args.heads}, batch 1, {args.size}x{args.size}; "
+          f"machine: {describe_cpu()}\n")
 
     rows = {}
     for v in VARIANTS:

@@ -33,6 +33,7 @@ from dakd.data.ingest import run_ingest  # noqa: E402
 from dakd.data.mosaic import random_crop_flip  # noqa: E402
 from dakd.data.shards import open_shard_set  # noqa: E402
 from dakd.data.transforms import normalize_image  # noqa: E402
+from dakd.inference import describe_cpu  # noqa: E402
 from dakd.models.saross import build_student  # noqa: E402
 from dakd.train.losses import segmentation_loss  # noqa: E402
 from dakd.train.saross import run_train_saross  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
         bare = bare_samples_per_s(cfg, args.steps)
         one = ray_samples_per_s(cfg)
     print(f"SAROSS-Net real-only step, SOS {args.sensor} ({train_count} train images), {args.encoder}, "
-          f"crop {args.crop}, batch {args.batch}, cores: {os.cpu_count()}, load (1 min): {os.getloadavg()[0]:.1f}")
+          f"crop {args.crop}, batch {args.batch}, load (1 min): {os.getloadavg()[0]:.1f}; machine: {describe_cpu()}")
     print(f"bare process loop      : {bare:7.2f} samples/s")
     print(f"Ray Train, 1 worker    : {one:7.2f} samples/s   ratio to bare {one / bare:5.2f} (goal >= 0.90)")
 

@@ -37,6 +37,7 @@ from dakd.config import (BalanceConfig, EvaluateSynthesisConfig, IngestConfig, P
                          SourceConfig, SynthesizeConfig, TrainJointNetConfig, load_config)
 from dakd.data.balance import run_balance  # noqa: E402
 from dakd.data.ingest import run_ingest  # noqa: E402
+from dakd.inference import describe_cpu  # noqa: E402
 from dakd.synth.evaluate import run_evaluate_synthesis  # noqa: E402
 from dakd.synth.actor import generate  # noqa: E402
 from dakd.synth.plan import plan_ranges  # noqa: E402
@@ -129,7 +130,7 @@ def main() -> None:
     load = os.getloadavg()
     print()
     print(f"synthesis benchmark: {args.samples} samples of 32x32, DDIM {args.steps} steps, {args.rows_per_file} per "
-          f"file, batches of 8, 1 torch thread per actor; {os.cpu_count()} CPU cores, load average {load[0]:.1f}")
+          f"file, batches of 8, 1 torch thread per actor; load average {load[0]:.1f}; machine: {describe_cpu()}")
     print(f"  bare in-process loop          {bare:8.2f} samples/s   (load {load_bare:.1f})")
     print(f"  Ray Data, 1 actor (steady)    {one['steady_samples_per_s']:8.2f} samples/s   "
           f"(end to end {one['samples_per_s']:.2f}/s incl. start-up; load {load_one:.1f})")

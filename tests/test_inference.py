@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from dakd.inference import (autocast, cpu_has_native_bf16, describe_device, inference_device, precision_name,
-                            prepare_model, uses_bf16)
+from dakd.inference import (autocast, cpu_has_native_bf16, describe_cpu, describe_device, inference_device,
+                            precision_name, prepare_model, uses_bf16)
 
 
 def _net():
@@ -53,6 +55,10 @@ def test_precision_setting_picks_the_autocast():
         with autocast("cpu", precision):
             assert net(x).dtype == dtype, precision
     assert isinstance(cpu_has_native_bf16(), bool)
+    # benchmark reports name the CPU, its cores and the native bf16 paths that cpu_has_native_bf16 sees
+    machine = describe_cpu()
+    assert f", {os.cpu_count()} cores, native bf16: " in machine
+    assert machine.endswith("native bf16: none") == (not cpu_has_native_bf16()), machine
 
 
 def test_bf16_training_step_on_cpu_follows_the_fp32_gradient():

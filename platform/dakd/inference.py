@@ -11,6 +11,7 @@ given, so CPU results (and the tests) do not depend on these settings, unless a 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import torch
@@ -66,6 +67,20 @@ def cpu_has_native_bf16() -> bool:
     bf16 autocast beats float32; elsewhere oneDNN emulates bf16 and it is slower."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def describe_cpu() -> str:
+    """This machine's CPU for benchmark reports, e.g. 'AMD EPYC, 2 cores, native bf16: AVX512-BF16':
+    figures measured on different CPUs (with or without AMX) are not comparable."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        pass
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    native = [label for label, check in checks if getattr(torch.cpu, check, lambda: False)()]
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores, native bf16: {', '.join(native) or 'none'}"
 
 
 def precision_name(device: torch.device | str, precision: str = "auto") -> str:
