@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover
     pass
 
 S3_BUCKET = "dakd-test"
+# MLflow servers the tests start: tracking and artifacts only, as infra/local/up runs it (no job
+# runner processes: MLflow 3 otherwise starts 7, each importing mlflow).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def free_port() -> int:
@@ -108,7 +111,7 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts"),
          "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env={**os.environ, **MLFLOW_SERVER_ENV},
     )
     deadline = time.time() + 90
     while True:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import MLFLOW_SERVER_ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -243,6 +243,11 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
 
     sub_id, summary, _ = pipeline_run
     assert summary["ok"] and summary["output"] == f"{PREFIX}/tiny" and list(summary["stages"]) == list(PIPELINE_STAGES)
+    # infra/local/up runs MLflow for tracking and artifacts only: no job-runner process in its group
+    pgid = (stack["state"] / "mlflow.pid").read_text().strip()
+    group = [a for g, _, a in (line.strip().partition(" ") for line in subprocess.run(
+        ["ps", "-e", "-o", "pgid=,args="], capture_output=True, text=True).stdout.splitlines()) if g == pgid]
+    assert any("mlflow server" in a for a in group) and not any("huey" in a for a in group), group
     # Shards where the summary says: every listed file exists; counts as configured.
     real = summary["stages"]["ingest"]["output"]
     assert real.startswith(PREFIX)
@@ -439,6 +444,7 @@ def start_mlflow_server(tmp_path) -> tuple[subprocess.Popen, str]:
                                "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
                                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                              env={**os.environ, **MLFLOW_SERVER_ENV},
                               start_new_session=True)  # its own process group: the server and its workers
     deadline = time.time() + 120
     while True:
