@@ -245,8 +245,7 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
     assert summary["ok"] and summary["output"] == f"{PREFIX}/tiny" and list(summary["stages"]) == list(PIPELINE_STAGES)
     # infra/local/up runs MLflow for tracking and artifacts only: no job-runner process in its group
     pgid = (stack["state"] / "mlflow.pid").read_text().strip()
-    group = [a for g, _, a in (line.strip().partition(" ") for line in subprocess.run(
-        ["ps", "-e", "-o", "pgid=,args="], capture_output=True, text=True).stdout.splitlines()) if g == pgid]
+    group = subprocess.run(["pgrep", "-a", "-g", pgid], capture_output=True, text=True).stdout.splitlines()
     assert any("mlflow server" in a for a in group) and not any("huey" in a for a in group), group
     # Shards where the summary says: every listed file exists; counts as configured.
     real = summary["stages"]["ingest"]["output"]

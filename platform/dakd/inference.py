@@ -62,11 +62,16 @@ def autocast(device: torch.device | str, precision: str = "auto"):
     return contextlib.nullcontext()
 
 
+def native_bf16_paths() -> list[str]:
+    """The native bf16 matrix paths of this CPU that torch sees: a subset of ["AMX", "AVX512-BF16"]."""
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    return [label for label, check in checks if getattr(torch.cpu, check, lambda: False)()]
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AMX tiles or AVX512-BF16), where
     bf16 autocast beats float32; elsewhere oneDNN emulates bf16 and it is slower."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return bool(native_bf16_paths())
 
 
 def describe_cpu() -> str:
@@ -78,9 +83,7 @@ def describe_cpu() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:  # not Linux
         pass
-    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-    native = [label for label, check in checks if getattr(torch.cpu, check, lambda: False)()]
-    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores, native bf16: {', '.join(native) or 'none'}"
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores, native bf16: {', '.join(native_bf16_paths()) or 'none'}"
 
 
 def precision_name(device: torch.device | str, precision: str = "auto") -> str:
