@@ -117,6 +117,7 @@ def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     classes = [a.get("ActorClassName", "") for k, a in ray._private.state.actors().items() if k not in before]
     assert any("RayTrainWorker" in c for c in classes), classes  # the listing sees Train's actors
     assert not any("PlacementGroupCleaner" in c for c in classes), classes
+    assert not any("PreemptionWatcher" in c for c in classes), classes  # dakd.runtime.configure_ray_train
 
 
 def test_one_worker_reads_the_same_epochs_without_a_split(real_shards):
@@ -156,8 +157,29 @@ def test_placement_group_cleaner_kept_only_where_a_dashboard_serves_it():
     assert without_placement_group_cleaner(callbacks, dashboard=False) == [callbacks[0], callbacks[2]]
 
 
-def test_bad_input_is_refused_before_training(real_shards, tmp_path):
+def test_ray_train_settings_reach_each_run_unless_the_user_set_them(monkeypatch):
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from dakd.runtime import RAY_TRAIN_ENV, configure_ray_train
+
+    watcher, patch = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH"
+    assert RAY_TRAIN_ENV == {watcher: "0", patch: "0"}
+    monkeypatch.delenv(watcher, raising=False)
+    monkeypatch.setenv(patch, "1")  # the user's choice
+    configure_ray_train()
+    propagated = get_env_vars_to_propagate()  # what each run's controller and workers get
+    assert propagated[watcher] == "0" and propagated[patch] == "1"
+
+
+def test_bad_input_is_refused_before_training(real_shards, tmp_path, monkeypatch):
     out = str(tmp_path / "bad")
+    # a malformed fault drill
+    for name, value, expected in [("DAKD_HOLD_AT_STEP", "20", "k:/path/to/marker"),
+                                  ("DAKD_FAIL_AT_STEP", "x", "a step number")]:
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(ConfigError, match=f"{name}={value!r}: expected {expected}"):
+                run_train_jointnet(tiny_config(real_shards, out, "tracking.enabled=false"))
     # stage 2 without stage 1's checkpoint
     with pytest.raises(ConfigError, match="init_checkpoint"):
         run_train_jointnet(tiny_config(real_shards, out, "run_stages=[2, 3]", "tracking.enabled=false"))

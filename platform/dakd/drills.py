@@ -7,6 +7,12 @@ Synthesis (read in the driver, acted on in the actors):
 later call, writing nothing more (the job fails, finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
 samples range k dies (``os._exit``) once, after half of it is sampled and before it is
 written (the marker file records that it did); Ray restarts the actor and retries the call.
+
+SAR-JointNet training (read in the driver, acted on in the Train workers):
+``DAKD_FAIL_AT_STEP=k``: the workers fail once right after the checkpoint of step k (Ray Train
+restarts them from that checkpoint); ``DAKD_HOLD_AT_STEP=k:/local/marker``: after step k the
+workers wait while the marker file exists (a test acts on the cluster while the run is mid-way,
+then removes the marker).
 """
 
 from __future__ import annotations
@@ -19,6 +25,20 @@ from dakd.synth.actor import SynthActor
 
 FAIL_AFTER_RANGES = "DAKD_SYNTH_FAIL_AFTER_RANGES"
 DIE_AT_RANGE = "DAKD_SYNTH_DIE_AT_RANGE"
+FAIL_AT_STEP = "DAKD_FAIL_AT_STEP"
+HOLD_AT_STEP = "DAKD_HOLD_AT_STEP"
+
+
+def train_drills() -> dict:
+    """The training drills the environment asks for, as LoopConfig fields ({"fail_at_step",
+    "hold_at_step"}, None where not asked); ConfigError on a malformed value."""
+    fail = os.environ.get(FAIL_AT_STEP)
+    hold = os.environ.get(HOLD_AT_STEP)
+    if fail and not fail.isdigit():
+        raise ConfigError(f"{FAIL_AT_STEP}={fail!r}: expected a step number")
+    if hold and not re.fullmatch(r"\d+:.+", hold):
+        raise ConfigError(f"{HOLD_AT_STEP}={hold!r}: expected k:/path/to/marker")
+    return {"fail_at_step": int(fail) if fail else None, "hold_at_step": hold or None}
 
 
 def synth_drills() -> dict | None:

@@ -29,6 +29,7 @@ def init_ray(cfg: RayConfig):
     from dakd.progress import configure_logging, quiet_ray_data, verbose
 
     configure_ray_data()
+    configure_ray_train()
     if ray.is_initialized():
         return ray
     _started_here = True
@@ -81,6 +82,28 @@ def configure_ray_data() -> None:
     ctx = DataContext.get_current()
     if hasattr(ctx, "use_datasource_v2"):
         ctx.use_datasource_v2 = False
+
+
+# Ray Train settings of dakd's jobs (environment variables; a value the user set is kept)
+RAY_TRAIN_ENV = {
+    # Ray Train 2.6x starts one more actor per run, a new Python process, that polls Ray for
+    # draining nodes so that a training function can read `ray.train.get_preemption_info()`.
+    # dakd's loops do not read it: a drained node ends like a lost one, and the run resumes
+    # from its last checkpoint (FailureConfig).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train patches `print` in its workers to send each line to its logger and, as Ray
+    # wraps the worker's stdout, to stdout as well: every line of a worker reached the job's
+    # log twice. Off: a worker's lines go to stdout once (its log file, and the driver's
+    # terminal or the job's log when forwarded).
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def configure_ray_train() -> None:
+    """RAY_TRAIN_ENV in this process's environment, where Ray Train reads it in the process that
+    calls `fit()` and passes it on to each run's controller and workers."""
+    for name, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 @contextlib.contextmanager

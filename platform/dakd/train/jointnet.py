@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from dakd import storage
 from dakd.config import TrainJointNetConfig, dump_config
 from dakd.data.shards import open_shard_set
+from dakd.drills import train_drills
 from dakd.errors import ConfigError
 from dakd.models.jointnet import JointNet, check_arch
 from dakd.progress import current as current_progress, progress_line
@@ -54,17 +54,15 @@ def run_train_jointnet(cfg: TrainJointNetConfig) -> dict:
                           f"(2^(levels-1) of model.block_out_channels)")
     run_uri = storage.join_uri(cfg.output, cfg.run_name)
     init = _init_from(cfg, model, run_uri)
+    drills = train_drills()  # fault drills (tests, rehearsals): none unless the environment asks
     uri = tracking.tracking_uri(cfg.tracking, cfg.output)  # before any compute
     init_ray(cfg.ray)
     with run_lock(cfg.ray, run_uri, "train-jointnet"), progress_line("train-jointnet", plan_stages(cfg)[-1].end):
         with tracking.job_run(cfg.tracking, uri=uri, job="train-jointnet", run_key=run_uri, run_name=cfg.run_name,
                               params=dump_config(cfg), tags={"dakd.b": f"{b:.6g}"}) as run:
-            # Fault drills and tests: DAKD_FAIL_AT_STEP=k makes the workers fail once right after the
-            # checkpoint of step k (Ray Train then restarts them from that checkpoint).
-            fail_at = os.environ.get("DAKD_FAIL_AT_STEP")
             loop = JointNetLoop(config=dump_config(cfg), classes=classes.to_dict(), run_uri=run_uri, b=b,
                                 tracking_uri=run.uri, mlflow_run_id=run.run_id, progress=current_progress(),
-                                fail_at_step=int(fail_at) if fail_at else None, **init)
+                                **drills, **init)
             return _fit(cfg, shard_set, loop, run)
 
 

@@ -197,6 +197,7 @@ class JointNetRunner(TrainLoopRunner):
                                   "stage": plan.stage}, self.model, self.opt,
                                  self.ema.state_dict() if self.ema else None)
             self.maybe_fail()
+        self.maybe_hold()
 
     def log_samples(self) -> None:
         """Rank 0: a grid of samples from the (EMA) model, logged to MLflow."""

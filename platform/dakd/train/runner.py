@@ -20,7 +20,9 @@ Driver side: `make_trainer()` builds the TorchTrainer of either job and `fit()` 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -48,6 +50,7 @@ class LoopConfig:
     mlflow_run_id: str | None = None  # rank 0 logs into it when set
     progress: Any = None  # dakd.progress handle of the driver's progress line
     fail_at_step: int | None = None  # fault drills: fail once right after this step's checkpoint
+    hold_at_step: str | None = None  # fault drills: "k:/local/marker": after step k, wait while the marker exists
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -189,6 +192,17 @@ class TrainLoopRunner:
         """Fault drills and tests (DAKD_FAIL_AT_STEP): fail once right after that step's checkpoint."""
         if self.loop.fail_at_step is not None and self.step == self.loop.fail_at_step:
             raise RuntimeError(f"fault injected after step {self.step} (fail_at_step)")
+
+    def maybe_hold(self) -> None:
+        """Fault drills and tests (DAKD_HOLD_AT_STEP=k:/local/marker): after step k (its log line,
+        metrics and checkpoint), wait while the marker file exists, so that a test or a rehearsal
+        can act on the cluster while the run is known to be mid-way."""
+        if self.loop.hold_at_step is None:
+            return
+        at, marker = self.loop.hold_at_step.split(":", 1)
+        if self.step == int(at):
+            while os.path.exists(marker):
+                time.sleep(0.2)
 
 
 # ---------------------------------------------------------------- driver side
