@@ -27,7 +27,7 @@ from dakd.train.saross import run_train_saross, scheduled_lr
 from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
 
 TILE = 32
-TINY = ["model.encoder=resnet18", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
+TINY = ["model.encoder=mobilenetv3_small_050", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
         "global_batch_size=4", "num_workers=2", "lr=0.002", "log_every=1", "overlay_count=1", "max_failures=0"]
 
 

@@ -24,7 +24,7 @@ from test_synthesize import TINY_TEACHER
 from test_train_saross import write_real_and_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDENT = ["model.encoder=resnet18", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
+STUDENT = ["model.encoder=mobilenetv3_small_050", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
            "global_batch_size=4", "num_workers=1", "lr=0.002", "log_every=100", "overlay_count=0", "max_failures=0",
            "epochs=1", "cache_dataset=false"]
 
@@ -87,7 +87,7 @@ def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_serv
     row = table[summary["best"]["trial_id"]]
     assert best.loss.temperature == row["student.loss.temperature"] and best.loss.lambda_kd == row["student.loss.lambda_kd"]
     assert best.output == os.path.abspath("runs/mine") and best.run_name == "best-student" and best.tracking.parent_run_id is None
-    assert best.model.encoder == "resnet18" and best.crop_size == 32
+    assert best.model.encoder == "mobilenetv3_small_050" and best.crop_size == 32
     # the parent run: summary table, best config and the plot
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "best_student.yaml", "metric_vs_params.png"} <= arts
