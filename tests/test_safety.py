@@ -150,7 +150,7 @@ def tiny_student(tmp_path_factory):
     from dakd.models.saross import arch_dict, build_student
 
     torch.manual_seed(0)
-    model = SarossModelConfig(encoder="resnet18", decoder_channels=[8, 8, 8], caft_heads=2)
+    model = SarossModelConfig(encoder="mobilenetv3_small_050", decoder_channels=[8, 8, 8], caft_heads=2)
     location = str(tmp_path_factory.mktemp("student") / "run" / "checkpoint_000")
     ckpt_io.save_checkpoint(location, build_student(model, 5).state_dict(),
                             {"kind": KIND, "epoch": 1, "step": 1, "arch": arch_dict(model, 5), "classes": OSD_CLASSES.to_dict()})
