@@ -20,7 +20,7 @@ from dakd import storage
 from dakd.cli import main
 from dakd.data.classes import OSD_CLASSES, SOS_CLASSES
 from dakd.errors import DataError
-from dakd.eval.figures import TITLE_HEIGHT, display_colors, error_mask, overlay_panel
+from dakd.eval.figures import FALSE, MIN_PANEL, MISSED, TITLE_HEIGHT, display_colors, error_mask, overlay_panel
 from dakd.report import REPORT, build_report, write_report
 
 SECTIONS = ("stages", "data", "training-curves", "synthetic-data", "evaluation")
@@ -36,6 +36,12 @@ def test_overlay_panels_are_titled_and_oil_stands_out_on_speckle():
     s = 3  # 48 px enlarged to at least 128 px
     assert panel.shape == (TITLE_HEIGHT + 32 * s, 4 * 48 * s, 3)
     assert (panel[:TITLE_HEIGHT] < 128).any() and (panel[:TITLE_HEIGHT] == 255).mean() > 0.5  # dark title on white
+    narrow = overlay_panel(np.zeros((8, 64), np.uint8), np.zeros((8, 64), np.uint8), SOS_CLASSES, np.ones((8, 64), np.uint8))
+    assert narrow.shape[1] == 4 * MIN_PANEL  # 64 px enlarged twice: the narrowest panels there are
+    for k in range(4):  # each title ends inside its panel: none is clipped
+        assert (narrow[:TITLE_HEIGHT, (k + 1) * MIN_PANEL - 3:(k + 1) * MIN_PANEL] == 255).all(), k
+    title = panel[:TITLE_HEIGHT, 3 * 48 * s:].reshape(-1, 3).astype(int)  # the errors title: "missed" in red, "false" in cyan
+    assert (abs(title - MISSED).sum(axis=1) < 60).any() and (abs(title - FALSE).sum(axis=1) < 60).any()
     oil = display_colors(SOS_CLASSES.colors, 2)[1]
     assert oil.max() - oil.min() >= 200  # SOS oil (white) is drawn in a vivid colour
     truth = panel[TITLE_HEIGHT:, 48 * s:2 * 48 * s].astype(int)

@@ -76,12 +76,16 @@ def _blend(grey: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float 
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def _titled(panel: np.ndarray, title: str) -> np.ndarray:
-    """(H, W, 3) uint8 -> (TITLE_HEIGHT + H, W, 3): a white strip with `title` above the panel."""
+def _titled(panel: np.ndarray, title: str | list[tuple[str, tuple]]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (TITLE_HEIGHT + H, W, 3): a white strip with `title` above the panel;
+    a title given as [(text, RGB), ...] is drawn piece by piece in those colours."""
     from PIL import Image, ImageDraw
 
     strip = Image.new("RGB", (panel.shape[1], TITLE_HEIGHT), (255, 255, 255))
-    ImageDraw.Draw(strip).text((4, 4), title, fill=(0, 0, 0))
+    draw, x = ImageDraw.Draw(strip), 4
+    for text, fill in [(title, (0, 0, 0))] if isinstance(title, str) else title:
+        draw.text((x, 4), text, fill=fill)
+        x += draw.textlength(text)
     return np.concatenate([np.asarray(strip), panel], axis=0)
 
 
@@ -108,7 +112,8 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, targ
     parts.append(_titled(_blend(image, pred, colors), "prediction"))
     if target is not None:
         errors = np.asarray([(0, 0, 0), MISSED, FALSE], dtype=np.uint8)
-        parts.append(_titled(_blend(image, error_mask(pred, up(target)), errors, alpha=0.8), "errors: missed red, false cyan"))
+        title = [("errors: ", (0, 0, 0)), ("missed", MISSED), (", ", (0, 0, 0)), ("false", FALSE)]  # fits MIN_PANEL
+        parts.append(_titled(_blend(image, error_mask(pred, up(target)), errors, alpha=0.8), title))
     return np.concatenate(parts, axis=1)
 
 
