@@ -109,23 +109,28 @@ def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_serv
 def test_asha_stops_a_trial_that_cannot_compete(data, tmp_path, mlflow_server):
     """Objective: the epoch's training loss (min). λ_ce = 100 multiplies the CE term (about 1.6
     at the start) by 100, so after one epoch its loss is far above the λ_ce = 1 trial's; the
-    trials run one after the other (λ_ce = 1 first), so at the first rung ASHA must stop it."""
+    trials run one after the other (λ_ce = 1 first), so at the first rung ASHA must stop it.
+    Its Train workers go on while the stop travels from Tune to the trial (a tiny epoch takes
+    about a second), so MLflow may hold an epoch or two more than Tune saw, but not all four."""
+    epochs = 4
     exp = f"asha-{uuid.uuid4().hex[:6]}"
     cfg = tune_config(data, str(tmp_path / "sweeps"), "{student.loss.lambda_ce: {grid: [1.0, 100.0]}}", "name=asha",
-                      "metric=loss", "mode=min", "grace_period=1", "student.epochs=2", "max_concurrent_trials=1",
+                      "metric=loss", "mode=min", "grace_period=1", f"student.epochs={epochs}", "max_concurrent_trials=1",
                       f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
     summary = run_tune(cfg)
     rows = {r["student.loss.lambda_ce"]: r for r in summary["table"]}
-    assert rows[1.0]["status"] == "completed" and rows[1.0]["epochs"] == 2
-    assert rows[100.0]["status"] == "stopped early" and rows[100.0]["epochs"] == 1
+    assert rows[1.0]["status"] == "completed" and rows[1.0]["epochs"] == epochs
+    assert rows[100.0]["status"] == "stopped early" and rows[100.0]["epochs"] == 1  # stopped at the first rung
     assert summary["stopped_early"] == 1 and summary["best"]["student.loss.lambda_ce"] == 1.0
     client, _, runs = mlflow_runs(mlflow_server, exp)
     by_lambda = {float(r.data.params["loss.lambda_ce"]): r for r in runs if "loss.lambda_ce" in r.data.params}
     first = {k: client.get_metric_history(r.info.run_id, "train/loss") for k, r in by_lambda.items()}
     assert first[100.0][0].value > first[1.0][0].value  # the premise: worse at the first rung
-    assert [m.step for m in first[100.0]] == [1] and [m.step for m in first[1.0]] == [1, 2]
-    stopped = client.get_run(by_lambda[100.0].info.run_id)
-    assert stopped.info.status == "KILLED" and stopped.data.tags["dakd.tune.status"] == "stopped early"
+    stopped = [m.step for m in first[100.0]]
+    assert stopped == list(range(1, len(stopped) + 1)) and len(stopped) < epochs  # the stop cut its training short
+    assert [m.step for m in first[1.0]] == list(range(1, epochs + 1))
+    run = client.get_run(by_lambda[100.0].info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["dakd.tune.status"] == "stopped early"
 
 
 @pytest.mark.slow
