@@ -1,6 +1,7 @@
 """Fault drills: tests and operations rehearsals make a job fail the way a cluster does,
-on purpose, to show what survives. Off unless an environment variable asks for one; the
-product's code holds no drill branches: a drill swaps in a subclass at construction.
+on purpose, to show what survives. Off unless an environment variable asks for one. A
+synthesis drill swaps in a subclass of the actor at construction; the training drills are
+LoopConfig fields that the shared training loop checks after each step (train.runner).
 
 Synthesis (read in the driver, acted on in the actors):
 ``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges and refuses every
