@@ -212,7 +212,8 @@ def make_trainer(cfg, loop_fn: Callable[[dict], None], loop: LoopConfig, dataset
     run_name, max_failures, keep_checkpoints). `score`: keep the best checkpoints by this
     reported metric (highest), else the latest."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
+
+    from dakd.train.backend import backend_config
 
     loc = storage.resolve(cfg.output)
     storage.ensure_dir(cfg.output, create_bucket=cfg.create_bucket)
@@ -223,7 +224,7 @@ def make_trainer(cfg, loop_fn: Callable[[dict], None], loop: LoopConfig, dataset
         train_loop_config=loop.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=backend_config(cfg.num_workers, cfg.use_gpu),
         datasets={"train": dataset},
         dataset_config=data_config(cfg.num_workers),
         run_config=RunConfig(name=cfg.run_name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=callbacks,
