@@ -9,7 +9,8 @@ output to the driver and Ray Data shows its progress bars, as Ray does by defaul
 Long work that runs inside Ray workers (Ray Train loops) reports to the driver's progress
 line through a small actor: `with progress_line("train-saross", total=steps) as bar:`
 hands `bar` (an actor handle) to the workers, whose rank 0 calls
-`report(bar, n, "loss 0.12")`; the driver redraws one tqdm line on stderr.
+`report(bar, n, "loss 0.12")`; the driver redraws one tqdm line on stderr. The driver keeps
+the actor for its next line.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def progress_line(desc: str, total: int, unit: str = "step", start: int = 0):
     import ray
 
     global _current
-    handle = _counter_class().remote()
+    key = _driver_key()
+    handle = _take_counter(key)
     _current = handle
     bar = _bar(desc, total, unit, start)
     stop = threading.Event()
@@ -136,7 +138,7 @@ def progress_line(desc: str, total: int, unit: str = "step", start: int = 0):
         stop.set()
         thread.join(timeout=15)
         bar.close()
-        ray.kill(handle)
+        _idle_counters.setdefault(key, []).append(handle)
 
 
 @contextlib.contextmanager
@@ -154,6 +156,32 @@ def driver_line(desc: str, total: int, unit: str = "image"):
 
 
 _current = None  # the handle of the progress line open in this driver (None: none)
+# Counters of finished lines, kept for the next line of this driver on the same cluster: a new
+# actor is a new worker process (about a CPU-second), and a pipeline opens a line per stage.
+_idle_counters: dict[tuple[str, str], list] = {}
+
+
+def _driver_key() -> tuple[str, str]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ctx.get_job_id()  # a new node id for every Ray this process starts
+
+
+def _take_counter(key: tuple[str, str]):
+    """An idle counter of this driver (`key`: _driver_key()) reset to (0, ""), or a new one
+    (when none is idle, or the idle one died with its node)."""
+    import ray
+
+    idle = _idle_counters.get(key, [])
+    while idle:
+        handle = idle.pop()
+        try:
+            ray.get(handle.set.remote(0, ""), timeout=10)  # before any worker gets the handle
+            return handle
+        except Exception:  # noqa: BLE001 - a dead counter: take another
+            continue
+    return _counter_class().remote()
 
 
 def current():
