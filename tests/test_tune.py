@@ -57,8 +57,15 @@ def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_serv
     cfg = tune_config(data, str(tmp_path / "sweeps"), space, "name=kd", f"tracking.uri={mlflow_server}",
                       f"tracking.experiment={exp}", "student.output=runs/mine", "student.run_name=best-student",
                       "max_concurrent_trials=2")
+    import ray
+
+    before = set(ray._private.state.actors())
     summary = run_tune(cfg)
     assert summary["trials"] == 2 and summary["completed"] == 2 and not summary["resumed"]
+    # the trials' Train runs, like the driver's, go without Ray Train's PlacementGroupCleaner on a
+    # Ray without a dashboard (a trial is told by the sweep: inside it Ray reports a default address)
+    classes = [a.get("ActorClassName", "") for k, a in ray._private.state.actors().items() if k not in before]
+    assert any("RayTrainWorker" in c for c in classes) and not any("PlacementGroupCleaner" in c for c in classes), classes
 
     client, parents, runs = mlflow_runs(mlflow_server, exp)
     assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow_run_id"]

@@ -57,16 +57,27 @@ def init_ray(cfg: RayConfig):
     return ray
 
 
+DASHBOARD_ENV = "DAKD_RAY_DASHBOARD"  # "1"/"0": the driver's answer, for its Tune trials (set_ray_dashboard)
+
+
 def ray_has_dashboard() -> bool:
     """Whether the connected Ray serves a dashboard (and so Ray's state API); True when it
     cannot tell (Ray's defaults are kept). Exact in a driver; inside a Ray worker (a Tune
-    trial) Ray reports its default address 127.0.0.1:8265 even without a dashboard."""
+    trial) Ray reports its default address 127.0.0.1:8265 even without a dashboard, so a
+    sweep hands its trials the driver's answer (`set_ray_dashboard`)."""
     import ray._private.worker as ray_worker
 
+    if os.environ.get(DASHBOARD_ENV) in ("0", "1"):
+        return os.environ[DASHBOARD_ENV] == "1"
     try:
         return bool(ray_worker.get_dashboard_url())
     except Exception:  # a Ray that keeps this elsewhere
         return True
+
+
+def set_ray_dashboard(has: bool) -> None:
+    """In a Tune trial: what `ray_has_dashboard` answers in this process (the sweep driver's answer)."""
+    os.environ[DASHBOARD_ENV] = "1" if has else "0"
 
 
 def configure_ray_data() -> None:

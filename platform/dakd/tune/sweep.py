@@ -151,7 +151,7 @@ def run_tune(cfg: TuneConfig) -> dict:
 
 def _sweep(cfg: TuneConfig) -> dict:
     from dakd import tracking
-    from dakd.runtime import init_ray
+    from dakd.runtime import init_ray, ray_has_dashboard
 
     bases = {s: getattr(cfg, s) for s in SECTIONS}
     dims = parse_space(cfg.space, cfg.level, bases)
@@ -176,7 +176,8 @@ def _sweep(cfg: TuneConfig) -> dict:
                           params=params, tags={"dakd.tune.level": cfg.level}) as run:
         plan = TrialPlan(name=cfg.name, level=cfg.level, sweep_uri=sweep_uri, tracking_uri=uri,
                          experiment=cfg.tracking.experiment, parent_run_id=run.run_id, dims=tuple(dims),
-                         sections={s: dump_config(getattr(cfg, s)) for s in trial_sections(cfg)})
+                         sections={s: dump_config(getattr(cfg, s)) for s in trial_sections(cfg)},
+                         ray_dashboard=ray_has_dashboard())
         tuner, restore = _tuner(cfg, plan, existed, concurrency, need)
         rows = summarise(tuner.fit(), dims, cfg)
         return _report(cfg, dims, rows, sweep_uri, run, {"resumed": bool(restore), "concurrency": concurrency})

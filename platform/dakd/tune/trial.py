@@ -32,6 +32,7 @@ class TrialPlan:
     parent_run_id: str | None
     dims: tuple[Dimension, ...]
     sections: dict[str, dict] = field(default_factory=dict)  # section -> dumped job config (locations absolute)
+    ray_dashboard: bool = True  # whether the sweep's Ray serves a dashboard (runtime.ray_has_dashboard in the driver)
 
     def tracking(self) -> TrackingConfig:
         """The trial's jobs' tracking: the sweep's server, nested under the sweep's run."""
@@ -119,8 +120,10 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     """Tune function trainable: one trial's jobs. config: {dotted key: sampled value}."""
     from ray import tune
 
+    from dakd.runtime import set_ray_dashboard
     from dakd.train.saross import run_train_saross
 
+    set_ray_dashboard(plan.ray_dashboard)  # a trial cannot tell: Ray reports a default address in workers
     trial_id = tune.get_context().get_trial_id()
     over = split_overrides(config, list(plan.dims))
     root = storage.join_uri(plan.sweep_uri, TRIALS_DIR, trial_id)
