@@ -26,7 +26,7 @@ demo: $(STAMP)
 # Everything (CI). `make test-fast`: the same without the end-to-end tests marked slow
 # (training runs, sweeps, pipelines), for a quick check while working.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs --durations=15 tests
+	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not slow" --durations=10 tests

@@ -62,7 +62,7 @@ def variant_runs(name: str, modes: list[str]) -> list[tuple[str, str, str]]:
 VARIANT_STAGES = ("variant ", "evaluate variants")  # wall-time keys of --variants: outside the recipe's time
 
 SMOKE = ["jointnet.model={block_out_channels: [8, 16], layers_per_block: 1, attention_levels: [1], norm_num_groups: 4, "
-         "attention_head_dim: 4}", "jointnet.crop_size=32",  # the tiny preset's teacher: the smoke checks the recipe runs
+         "attention_head_dim: 4}", "jointnet.crop_size=32",  # the tiny preset's teacher: a smoke checks that it runs
          "jointnet.stages.stage1={iterations: 4, lr: 0.001}", "jointnet.stages.stage2={iterations: 4, lr: 0.001}",
          "jointnet.stages.stage3={iterations: 2, lr: 0.001}", "jointnet.checkpoint_every=5", "jointnet.log_every=5",
          "jointnet.batch_size_per_worker=4", "synthesize.count=16", "synthesize.steps=2", "synthesize.rows_per_file=8",

@@ -65,7 +65,8 @@ def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_serv
     # the trials' Train runs, like the driver's, go without Ray Train's PlacementGroupCleaner on a
     # Ray without a dashboard (a trial is told by the sweep: inside it Ray reports a default address)
     classes = [a.get("ActorClassName", "") for k, a in ray._private.state.actors().items() if k not in before]
-    assert any("RayTrainWorker" in c for c in classes) and not any("PlacementGroupCleaner" in c for c in classes), classes
+    assert any("RayTrainWorker" in c for c in classes), classes
+    assert not any("PlacementGroupCleaner" in c for c in classes), classes
 
     client, parents, runs = mlflow_runs(mlflow_server, exp)
     assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow_run_id"]
