@@ -82,7 +82,6 @@ def _lines(text: str) -> list[str]:
     return [ln for ln in text.split("\n") if ln.strip()]
 
 
-@pytest.mark.slow
 def test_quiet_output_under_60_lines_ends_with_table_then_json(tiny_run):
     out, stdout, stderr = tiny_run
     lines = _lines(stdout) + _lines(stderr)
@@ -98,7 +97,6 @@ def test_quiet_output_under_60_lines_ends_with_table_then_json(tiny_run):
     assert summary["stage_seconds"].keys() == summary["stages"].keys()
 
 
-@pytest.mark.slow
 def test_report_written_with_sections_on_file_and_s3(tiny_run, s3_uri, capsys):
     out, _, _ = tiny_run
     page = open(os.path.join(out, REPORT)).read()
@@ -125,7 +123,6 @@ def test_report_written_with_sections_on_file_and_s3(tiny_run, s3_uri, capsys):
     assert len(re.findall(r'src="data:image/png', s3_page)) >= 5
 
 
-@pytest.mark.slow
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
