@@ -11,9 +11,10 @@ import scipy.linalg
 from dakd.config import EvaluateSynthesisConfig, IngestConfig, ProceduralSource, SourceConfig, load_config
 from dakd.data import shards
 from dakd.data.ingest import run_ingest
+from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError
 from dakd.synth.evaluate import run_evaluate_synthesis
-from dakd.synth.fid import ISAccumulator, RunningStats, frechet_distance, make_extractor
+from dakd.synth.fid import ISAccumulator, RunningStats, frechet_distance, make_extractor, pixel_features
 
 
 def scipy_frechet(x: np.ndarray, y: np.ndarray) -> float:
@@ -139,6 +140,34 @@ def test_evaluate_inception_from_weights_file(real_and_shifted, tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ConfigError, match="not InceptionV3 weights"):
         make_extractor("inception", inception_weights=str(bad))
+
+
+@pytest.mark.parametrize("h, w, size", [(32, 32, 4), (37, 29, 8), (5, 7, 8), (30, 45, 7)])
+def test_pixel_features_are_torch_adaptive_pooling(h, w, size):
+    """The NumPy pooling equals torch's adaptive_avg_pool2d, also where the windows overlap
+    (sizes that do not divide) or repeat pixels (an image smaller than size)."""
+    torch = pytest.importorskip("torch")
+    images = np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8)
+    x = torch.from_numpy(normalize_image(images).astype(np.float64))[:, None]  # the one normalisation
+    ref = torch.nn.functional.adaptive_avg_pool2d(x, size).reshape(3, -1).numpy()
+    np.testing.assert_allclose(pixel_features(images, size), ref, rtol=0, atol=1e-12)
+
+
+def test_pixel_features_need_no_torch(real_and_shifted):
+    """A pixels FID actor (its module, set-up and extractor) never imports torch."""
+    import os
+    import subprocess
+    import sys
+
+    part = shards.open_shard_set(real_and_shifted[0]).files("train")[0]
+    probe = ("import sys, numpy as np; from dakd.synth.evaluate import FeatureActor; "
+             "out = FeatureActor('pixels', 4, None, 2, 1, False)("
+             "{'set': np.array(['real']), 'uri': np.array([sys.argv[1]]), 'take': np.array([3])}); "
+             "assert out['features'].shape == (3, 16), out['features'].shape; "
+             "assert 'torch' not in sys.modules, 'torch was imported'")
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.dirname(__file__)), "platform")}
+    proc = subprocess.run([sys.executable, "-c", probe, part], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_pluggable_extractor_spec():

@@ -44,11 +44,13 @@ class FeatureActor:
 
     def __init__(self, spec: str, pixels_size: int, inception_weights: str | None, batch_size: int,
                  torch_threads: int, use_gpu: bool):
-        from dakd.inference import setup_actor
+        device = "cpu"
+        if spec != "pixels":  # pixel features are NumPy: such an actor never imports torch
+            from dakd.inference import setup_actor
 
-        device, _ = setup_actor(None, 1.0 if use_gpu else 0.0, torch_threads)
+            device = setup_actor(None, 1.0 if use_gpu else 0.0, torch_threads)[0].type
         self.extract = make_extractor(spec, pixels_size=pixels_size, inception_weights=inception_weights,
-                                      device=device.type)
+                                      device=device)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:

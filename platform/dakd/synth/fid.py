@@ -14,7 +14,8 @@ None):
   Values are comparable between runs of this platform, not bit-for-bit with the
   TF-Inception FID of the paper.
 - ``pixels``: grey levels normalised to [-1, 1] (data.transforms) and average-pooled to
-  size×size; no class probabilities, so IS is not defined (None).
+  size×size (torch's adaptive pooling windows, in NumPy); no class probabilities, so IS is
+  not defined (None).
 - ``"package.module:function"``: any callable with the signature above (or returning
   only features).
 """
@@ -124,13 +125,24 @@ class ISAccumulator:
 
 # ---------------------------------------------------------------- extractors
 def pixel_features(images: np.ndarray, size: int = 8) -> np.ndarray:
-    """images uint8 (B, H, W) -> (B, size*size) float64: normalised, average-pooled
-    (adaptive pooling: exact block means when H and W are multiples of size)."""
-    import torch
+    """images uint8 (B, H, W) -> (B, size*size) float64: normalised, average-pooled with
+    adaptive pooling's windows (torch's adaptive_avg_pool2d: output i averages rows
+    floor(i*H/size) .. ceil((i+1)*H/size) - 1; exact block means when H and W are multiples
+    of size). NumPy only, so a pixels FID actor does not import torch."""
+    x = normalize_image(np.asarray(images)).astype(np.float64)
+    return _adaptive_mean(_adaptive_mean(x, size, axis=1), size, axis=2).reshape(len(x), -1)
 
-    x = torch.from_numpy(normalize_image(np.asarray(images))[:, None].copy())
-    pooled = torch.nn.functional.adaptive_avg_pool2d(x.double(), size)
-    return pooled.reshape(len(images), -1).numpy()
+
+def _adaptive_mean(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Means over adaptive pooling's `size` windows along `axis` (prefix sums: one pass)."""
+    n = x.shape[axis]
+    starts = (np.arange(size) * n) // size
+    ends = -((-np.arange(1, size + 1) * n) // size)  # ceil((i+1)*n/size)
+    prefix = np.concatenate([np.zeros_like(np.take(x, [0], axis=axis)), np.cumsum(x, axis=axis)], axis=axis)
+    sums = np.take(prefix, ends, axis=axis) - np.take(prefix, starts, axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    return sums / (ends - starts).reshape(shape)
 
 
 def load_inception(weights: str | None):
