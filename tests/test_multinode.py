@@ -231,7 +231,7 @@ def pipeline_run(stack):
     t0 = time.time()
     rc, sub_id, text = submit(stack, [
         "python", "jobs/pipeline.py", "--preset", "tiny", "--output", out, "--set", "jointnet.run_name=teacher",
-        "--set", "jointnet.cpus_per_worker=2", "--json"])
+        "--set", "jointnet.cpus_per_worker=2", "--json"], timeout=600)  # 90-180 s; 300 s was hit under heavy load
     print(f"pipeline job: {time.time() - t0:.0f} s", flush=True)
     assert rc == 0, text[-5000:]
     return sub_id, last_json(text), text
