@@ -138,6 +138,27 @@ def test_truncated_and_swapped_shards_are_named(tmp_path, capsys, ray_local):
         shards.read_table(shards.open_shard_set(out, verify=False).files("train")[0])
 
 
+def test_shard_reader_names_missing_columns_and_lets_the_process_exit(tmp_path):
+    """read_table names a column the shard lacks, and a process that read a shard exits 0:
+    pyarrow's dataset reader could abort at interpreter exit (apache/arrow#34314), which
+    failed a finished job. Eight readers at once, so the exits race as they do in a job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = str(tmp_path / "part.parquet")
+    images = [np.full((8, 8), i, np.uint8).tobytes() for i in range(64)]
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(64)], "image": images}), uri)
+    assert shards.read_table(uri, columns=["id"]).column("id").to_pylist()[:2] == ["s0", "s1"]
+    with pytest.raises(DataError, match=r"part.parquet: has no column\(s\) \['mask'\]"):
+        shards.read_table(uri, columns=["id", "mask"])
+
+    probe = "import sys; from dakd.data import shards; assert shards.read_table(sys.argv[1]).num_rows == 64"
+    procs = [subprocess.Popen([sys.executable, "-c", probe, uri], stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    failed = [(p.wait(timeout=120), p.stderr.read()[-300:]) for p in procs]
+    assert [f for f in failed if f[0] != 0] == []
+
+
 # ---------------------------------------------------------------- 2./5. predict: unique masks, skip, tiles
 @pytest.fixture(scope="module")
 def tiny_student(tmp_path_factory):

@@ -34,7 +34,7 @@ from dakd import storage
 from dakd.config import PredictConfig
 from dakd.data.classes import class_pixel_counts, class_table_from_dict
 from dakd.data.folder import IMAGE_SUFFIXES
-from dakd.data.shards import discard_generation, new_generation, remove_listed
+from dakd.data.shards import discard_generation, new_generation, read_table, remove_listed
 from dakd.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -170,14 +170,11 @@ def run_predict(cfg: PredictConfig) -> dict:
 def listed_masks(parquet_uri: str) -> list[str] | None:
     """The mask paths an existing areas.parquet lists (None when there is none). A damaged
     one lists nothing: an overwrite then removes none of the old files."""
-    import pyarrow.parquet as pq
-
     if not storage.exists(parquet_uri):
         return None
     try:
-        return [str(m) for m in pq.read_table(io.BytesIO(storage.read_bytes(parquet_uri)), columns=["mask"])
-                .column("mask").to_pylist()]
-    except (OSError, KeyError, ValueError) as exc:
+        return [str(m) for m in read_table(parquet_uri, columns=["mask"]).column("mask").to_pylist()]
+    except (OSError, DataError) as exc:
         log.warning("predict: %s cannot be read (%s); the masks it lists are left in place", parquet_uri, exc)
         return []
 
