@@ -20,7 +20,7 @@ from dakd.data import shards
 from dakd.data.classes import OSD_CLASSES
 from dakd.data.ingest import run_ingest
 from dakd.errors import ConfigError, DataError
-from dakd.eval.evaluate import run_evaluate, run_evaluations
+from dakd.eval.evaluate import finished_evaluation, run_evaluate, run_evaluations
 from dakd.eval.figures import TITLE_HEIGHT
 from dakd.predict import run_predict
 from dakd import checkpoints as ckpt_io
@@ -102,6 +102,27 @@ def test_evaluate_full_resolution_matches_independent_metrics(student, tmp_path,
 
     run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(summary["mlflow_run_id"])
     assert run.data.metrics["eval/miou"] == pytest.approx(summary["miou"])
+
+    # A re-run pipeline reuses this evaluation while its identity holds: its settings, the
+    # checkpoint's weights and the split's files; not where it runs or is tracked.
+    cfg = load_config(EvaluateConfig, None, [f"checkpoint={location}", f"shards={real}", f"output={out}",
+                                             "overlay_count=1", "tracking.enabled=false"])
+    reused = finished_evaluation(cfg)
+    assert reused["skipped"] and reused["mlflow_run_id"] is None
+    assert {k: v for k, v in reused.items() if k not in ("skipped", "mlflow_run_id")} == {
+        k: v for k, v in summary.items() if k != "mlflow_run_id"}
+    assert finished_evaluation(cfg.model_copy(update={"overlay_count": 2})) is None
+    state = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    other = str(tmp_path / "other" / "checkpoint_000")  # the same model, one weight changed
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    next(v for v in weights.values() if v.is_floating_point()).add_(1e-3)
+    ckpt_io.save_checkpoint(other, weights, {k: v for k, v in ckpt_io.read_state(location).items()
+                                             if k not in ("weights_sha256", "location")})
+    assert finished_evaluation(cfg.model_copy(update={"checkpoint": other})) is None
+    run_ingest(IngestConfig(source=SourceConfig(procedural=ProceduralSource(splits={"test": 1}, height=650, width=1250,
+                                                                           seed=3)), output=real, overwrite=True))
+    assert finished_evaluation(cfg) is None  # the split's files changed
+    assert state["identity"]["weights_sha256"] == ckpt_io.read_state(location)["weights_sha256"]
 
     with pytest.raises(ConfigError, match="no checkpoint here"):
         run_evaluate(load_config(EvaluateConfig, None, [f"checkpoint={tmp_path}", f"shards={real}", f"output={out}",

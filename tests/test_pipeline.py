@@ -62,7 +62,9 @@ def test_pipeline_runs_tracks_and_skips(tiny_pipeline, capsys, mlflow_server, ra
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["stages"]["ingest"]["skipped"] and second["stages"]["train-jointnet"]["skipped"]
+    assert second["stages"]["balance"]["skipped"] and second["stages"]["balance"]["b"] == first["stages"]["balance"]["b"]
     assert all(r["skipped"] for r in second["stages"]["train-saross"].values())
+    assert second["stages"]["evaluate"]["skipped"] and second["stages"]["evaluate"]["table"] == first["stages"]["evaluate"]["table"]
     assert second["stages"]["evaluate"]["miou"] == first["stages"]["evaluate"]["miou"]
     assert second["stages"]["train-jointnet"]["checkpoint"] == first["stages"]["train-jointnet"]["checkpoint"]
     assert second["mlflow_run_id"] == first["mlflow_run_id"]

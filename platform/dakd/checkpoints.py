@@ -250,9 +250,11 @@ def load_model(uri: str, tracking: TrackingConfig | None = None) -> tuple[torch.
                               f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         model, state = load_student(local)
         return model, class_table_from_dict(state["classes"]), {"model": uri, "arch": state["arch"],
-                                                                "selected_on": state.get("val", {}).get("split")}
+                                                                "selected_on": state.get("val", {}).get("split"),
+                                                                "weights_sha256": state.get("weights_sha256")}
 
     model, state = load_student(uri)
     return model, class_table_from_dict(state["classes"]), {"model": state["location"], "arch": state["arch"],
                                                             "epoch": state.get("epoch"),
-                                                            "selected_on": state.get("val", {}).get("split")}
+                                                            "selected_on": state.get("val", {}).get("split"),
+                                                            "weights_sha256": state.get("weights_sha256")}

@@ -51,6 +51,16 @@ def _ingest(cfg: PipelineConfig, real: str) -> dict:
                                    on_error=cfg.on_error, overwrite=cfg.overwrite, ray=cfg.ray))
 
 
+def _balance(cfg: PipelineConfig, real: str) -> dict:
+    """b over the train split; skipped when the shard set's manifest already records it (a
+    re-ingest writes a new manifest without it)."""
+    bal = (shards.read_manifest(real) or {}).get("balance")
+    if bal and bal.get("split") == "train" and not cfg.overwrite:
+        log.info("balance: %s already records b over its train split; skipped", real)
+        return {"job": "balance", "skipped": True, "shards": real, **{k: bal[k] for k in ("split", "images", "b", "power_x", "power_y")}}
+    return run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray))
+
+
 def same_job(stored: dict, cfg) -> bool:
     """A finished run's stored config asks for the same output as the job config `cfg` (where
     it runs and is tracked aside). Settings added to dakd after the run was written count as
@@ -175,7 +185,8 @@ def _evaluate_students(cfg: PipelineConfig, real: str, students: dict, tracking_
     table = comparison_table(rows, training, protocol)
     print(table, flush=True)
     storage.write_text(storage.join_uri(cfg.output, "eval", "comparison.md"), table + "\n")
-    return {"table": table, "miou": {m: r["metrics"]["miou"] for m, r in results.items()},
+    return {"skipped": all(r.get("skipped") for r in results.values()),  # every evaluation reused
+            "table": table, "miou": {m: r["metrics"]["miou"] for m, r in results.items()},
             "training": {m: training[STUDENT_NAMES[m]] for m in results},
             "outputs": {m: r["output"] for m, r in results.items()}}
 
@@ -184,18 +195,24 @@ def evaluate_students(cfg: PipelineConfig, real: str, students: dict[str, tuple[
                       tracking_cfg) -> dict[str, tuple[dict, dict]]:
     """Students {run_name: (checkpoint, table name)} on `evaluate.split`, in one actor pool,
     each written under `eval/<run_name>`; returns {run_name: (run_evaluate's summary,
-    student_training of its run)}."""
-    from dakd.eval.evaluate import run_evaluations
+    student_training of its run)}. An evaluation already there of the same checkpoint, split
+    files and settings is skipped (its summary has "skipped": True) unless `overwrite`."""
+    from dakd.eval.evaluate import finished_evaluation, run_evaluations
 
     if not students:
         return {}
-    cfgs = [cfg.evaluate.model_copy(update={"checkpoint": checkpoint, "shards": real,
-                                            "output": storage.join_uri(cfg.output, "eval", run_name), "name": name,
-                                            "ray": cfg.ray, "tracking": tracking_cfg})
-            for run_name, (checkpoint, name) in students.items()]
-    results = run_evaluations(cfgs, print_table=False)  # the caller prints one table for all students
-    return {run_name: (result, student_training(storage.join_uri(cfg.output, "student", run_name)))
-            for run_name, result in zip(students, results)}
+    cfgs = {run_name: cfg.evaluate.model_copy(update={
+                "checkpoint": checkpoint, "shards": real, "output": storage.join_uri(cfg.output, "eval", run_name),
+                "name": name, "ray": cfg.ray, "tracking": tracking_cfg})
+            for run_name, (checkpoint, name) in students.items()}
+    results = {} if cfg.overwrite else {k: r for k, c in cfgs.items() if (r := finished_evaluation(c)) is not None}
+    for run_name, result in results.items():
+        log.info("evaluate (%s): %s already holds this checkpoint's evaluation; skipped", run_name, result["output"])
+    todo = [k for k in cfgs if k not in results]
+    if todo:  # the caller prints one table for all students
+        results.update(zip(todo, run_evaluations([cfgs[k] for k in todo], print_table=False)))
+    return {run_name: (results[run_name], student_training(storage.join_uri(cfg.output, "student", run_name)))
+            for run_name in students}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -228,8 +245,7 @@ def _stages_in_run(cfg: PipelineConfig, real: str, uri: str | None, parent: str 
     if "ingest" in cfg.stages:
         stages["ingest"] = _tracked(uri, parent, cfg, "ingest", lambda: _ingest(cfg, real))
     if "balance" in cfg.stages:
-        stages["balance"] = _tracked(uri, parent, cfg, "balance",
-                                     lambda: run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray)))
+        stages["balance"] = _tracked(uri, parent, cfg, "balance", lambda: _balance(cfg, real))
         print(report(shards.open_shard_set(real)), flush=True)
     if "train-jointnet" in cfg.stages:
         stages["train-jointnet"] = _train_jointnet(cfg, real, child_tracking)

@@ -14,7 +14,9 @@ Outputs under `output`: metrics.json (confusion matrix, per-class and mean value
 prediction | errors] for the first `overlay_count` images); the same logged to MLflow.
 `run_evaluations` evaluates several checkpoints on one split in one actor pool (each actor
 holds every model, each image is read once: a pipeline's students), each written and
-logged as its own evaluation. A re-run is a
+logged as its own evaluation. metrics.json records the evaluation's `identity` (settings,
+the checkpoint's weights, the split's files): a re-run pipeline skips an evaluation whose
+identity is unchanged (`finished_evaluation`). A re-run is a
 swap: its figures go beside the old ones, metrics.json (one atomic write) then names them,
 and only then are the files the old metrics.json lists removed, so a failed or killed
 re-run leaves the old evaluation whole.
@@ -25,6 +27,7 @@ Segmentation (`dakd.inference.segment`), overlays and the confusion-matrix figur
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -34,12 +37,12 @@ import numpy as np
 import torch
 
 from dakd import storage
-from dakd.checkpoints import load_model
+from dakd.checkpoints import load_model, read_state
 from dakd.config import EvaluateConfig, dump_config
 from dakd.data.classes import ClassTable, class_table_from_dict
 from dakd.data.shards import (PAIR_COLUMNS, decode_plane, discard_generation, new_generation, open_shard_set,
-                              remove_listed)
-from dakd.errors import ConfigError, DataError
+                              read_manifest, remove_listed)
+from dakd.errors import ConfigError, DakdError, DataError
 from dakd.eval.figures import confusion_png, overlay_panel, png_bytes
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
 from dakd.inference import segment, setup_actor
@@ -191,29 +194,71 @@ def _finish(cfg: EvaluateConfig, prepared: dict, cm: np.ndarray, metrics: dict, 
 
     prov, name, classes = prepared["prov"], prepared["name"], prepared["classes"]
     selected_on = prov.get("selected_on")
-    protocol = f"Checkpoint selected on split {selected_on!r}, reported on split {cfg.split!r} ({metrics['images']} images)."
     if selected_on == cfg.split:
-        protocol += " WARNING: the same split selected the checkpoint: these figures are optimistic."
         log.warning("evaluate: %s was selected on split %r, the split it is evaluated on", prov["model"], cfg.split)
-    table = comparison_table({name: metrics}, protocol=protocol)
+    table = evaluation_table(name, metrics, selected_on, cfg.split)
     if print_table:
         print(table, flush=True)
         print(METRICS_NOTE, flush=True)
     report = {"model": prov["model"], "name": name, "shards": cfg.shards, "split": cfg.split, "selected_on": selected_on,
               "classes": list(classes.names),
               "confusion_matrix": cm.tolist(), "confusion_matrix_layout": "cm[target][prediction] pixel counts",
-              "averaging": "macro over present classes; accuracy = pixel accuracy", "metrics": metrics}
+              "averaging": "macro over present classes; accuracy = pixel accuracy", "metrics": metrics,
+              "identity": evaluation_identity(cfg, prov.get("weights_sha256"))}
     cm_png = confusion_png(cm, classes.names)
     write_outputs(cfg.output, report, table, cm_png, overlays)
     with tracking.job_run(cfg.tracking, uri=prepared["tracking_uri"], job="evaluate", run_key=f"evaluate:{cfg.output}",
                           run_name=f"evaluate-{name}", params=dump_config(cfg),
                           tags={"dakd.model": str(prov["model"])}) as run:
         log_run(run.logger, report, table, cm_png, overlays)
-    return {"job": "evaluate", "model": prov["model"], "name": name, "output": cfg.output, "split": cfg.split,
-            "selected_on": selected_on,
-            "images": metrics["images"], "miou": metrics["miou"], "f1": metrics["f1_mean"], "precision": metrics["precision_mean"],
-            "recall": metrics["recall_mean"], "accuracy": metrics["accuracy"], "iou": metrics["iou"],
-            "confusion_matrix": cm.tolist(), "mlflow_run_id": run.run_id, "table": table, "metrics": metrics}
+    return evaluation_summary(cfg.output, report, table, run.run_id)
+
+
+def evaluation_table(name: str, metrics: dict, selected_on: str | None, split: str) -> str:
+    """One evaluation's table (the paper's layout) under the line saying what selected and what reports."""
+    protocol = f"Checkpoint selected on split {selected_on!r}, reported on split {split!r} ({metrics['images']} images)."
+    if selected_on == split:
+        protocol += " WARNING: the same split selected the checkpoint: these figures are optimistic."
+    return comparison_table({name: metrics}, protocol=protocol)
+
+
+def evaluation_summary(output: str, report: dict, table: str, mlflow_run_id: str | None) -> dict:
+    """The job summary of the evaluation whose metrics.json is `report`."""
+    m = report["metrics"]
+    return {"job": "evaluate", "model": report["model"], "name": report["name"], "output": output,
+            "split": report["split"], "selected_on": report["selected_on"], "images": m["images"], "miou": m["miou"],
+            "f1": m["f1_mean"], "precision": m["precision_mean"], "recall": m["recall_mean"], "accuracy": m["accuracy"],
+            "iou": m["iou"], "confusion_matrix": report["confusion_matrix"], "mlflow_run_id": mlflow_run_id,
+            "table": table, "metrics": m}
+
+
+def evaluation_identity(cfg: EvaluateConfig, weights_sha256: dict | None) -> dict:
+    """What an evaluation's figures and files depend on: its settings (not where it runs or is
+    tracked), the evaluated weights (sha256 per file, from the checkpoint's state.json) and the
+    split's shard files (sha256 of their manifest entries: path, bytes, rows)."""
+    files = ((read_manifest(cfg.shards) or {}).get("splits", {}).get(cfg.split) or {}).get("files", [])
+    return {"settings": {k: v for k, v in dump_config(cfg).items() if k not in ("ray", "tracking")},
+            "weights_sha256": weights_sha256,
+            "split_files_sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+
+
+def finished_evaluation(cfg: EvaluateConfig) -> dict | None:
+    """The summary (with "skipped": True) of the evaluation already in `cfg.output` when its
+    identity is this config's, with `cfg.checkpoint` a checkpoint directory; None otherwise
+    (none there, another identity, or unreadable): then it has to run."""
+    metrics_uri = storage.join_uri(cfg.output, "metrics.json")
+    if not storage.exists(metrics_uri):
+        return None
+    try:
+        report = json.loads(storage.read_text(metrics_uri))
+        weights = read_state(cfg.checkpoint).get("weights_sha256")
+        if not weights or report.get("identity") != evaluation_identity(cfg, weights):
+            return None
+        table = evaluation_table(report["name"], report["metrics"], report["selected_on"], report["split"])
+        return {**evaluation_summary(cfg.output, report, table, None), "skipped": True}
+    except (ValueError, KeyError, AttributeError, DakdError) as exc:  # damaged or of an older dakd: run it again
+        log.info("evaluate: %s cannot be reused (%s); evaluating again", metrics_uri, exc)
+        return None
 
 
 def listed_outputs(report: dict) -> list[str]:
