@@ -15,7 +15,7 @@ one fits on each node (training must use both) and one head CPU stays free for t
 Faults (issue "From laptop to cluster"): (a) a worker node lost during training, (b) a
 synthesis job stopped mid-way and resubmitted, (c) the MLflow server down at the start and
 down mid-run, (d) the S3 endpoint down at the start, (e) the same run submitted twice at once
-((e) and the second half of (c) share one training job).
+((a), (e) and the second half of (c) share one training job).
 """
 
 from __future__ import annotations
@@ -310,48 +310,6 @@ def test_pipeline_end_to_end_on_two_nodes(stack, pipeline_run):
     assert any(k.endswith(grids[-1]) for k in stored), (grids, stored[:20])
 
 
-def test_worker_node_lost_during_training_resumes(stack, pipeline_run):
-    """(a) The node of one Train worker is killed after the first checkpoint: Ray Train
-    restarts the group from that checkpoint on the remaining nodes and finishes all steps."""
-    from ray.job_submission import JobStatus
-
-    from dakd.checkpoints import read_state
-
-    real = pipeline_run[1]["stages"]["ingest"]["output"]
-    out = f"{PREFIX}/fault-a"
-    stack["outputs"].append(out)
-    rc, sub_id, text = submit(stack, [
-        "python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, "--set", "run_name=nodeloss",
-        *TINY_JOINTNET, "--set", "run_stages=[1, 2]",
-        "--set", "stages={stage1: {iterations: 8, lr: 0.003}, stage2: {iterations: 16, lr: 0.003}}",
-        "--set", "checkpoint_every=4", "--set", "max_failures=2", "--set", "cache_dataset=false",
-        "--set", "tracking.enabled=false", "--json"], wait=False)
-    assert rc == 0, text[-3000:]
-    client = job_client(stack)
-    # Wait for the first checkpoint on S3, then lose the worker node (its processes killed).
-    deadline = time.time() + 240
-    while not [k for k in s3_keys(f"{out}/nodeloss/") if k.endswith("state.json")]:
-        assert client.get_job_status(sub_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(sub_id)[-3000:]
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.5)
-    lost = stack["worker"]
-    assert lost in train_worker_nodes(stack, sub_id)
-    stack["worker"] = stack["cluster"].add_node(2)  # the remaining resources: head + this node
-    stack["cluster"].remove_node(lost)
-    print("worker node removed; waiting for the job", flush=True)
-    while client.get_job_status(sub_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline + 120, "job did not finish"
-        time.sleep(1)
-    logs = client.get_job_logs(sub_id)
-    assert client.get_job_status(sub_id) == JobStatus.SUCCEEDED, logs[-5000:]
-    summary = last_json(logs)
-    assert summary["steps"] == 24 and summary["stages_completed"] == [1, 2]
-    state = read_state(summary["checkpoint"])
-    assert state["step"] == 24 and 0 < state["attempt_start_step"] < 24 and state["attempt_start_step"] % 4 == 0
-    assert f"resumed from step {state['attempt_start_step']}/24" in logs
-    assert stack["worker"] in train_worker_nodes(stack, sub_id)  # restarted on the remaining nodes
-
-
 def test_s3_endpoint_down_at_start_is_a_clear_error(stack):
     """(d) The object store does not answer: the job exits 2 with a message naming the URI."""
     dead = f"http://127.0.0.1:{free_port()}"
@@ -465,14 +423,17 @@ def start_mlflow_server(tmp_path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def test_same_run_twice_refused_then_mlflow_down_mid_run_the_first_completes(stack, pipeline_run, tmp_path):
-    """Two faults on one training job (one job's start-up instead of two):
+def test_same_run_twice_refused_then_mlflow_down_and_a_node_lost_mid_run_the_first_completes(stack, pipeline_run,
+                                                                                              tmp_path):
+    """Three faults on one training job (one job's start-up instead of three):
     (e) two jobs for the same run: while the first holds it, the second refuses before it writes
     anything (no checkpoint, no MLflow run), naming the first;
-    (c, second half) then the tracking server dies while the first runs: training goes on to its
-    last step with an intact checkpoint, and the job reports how many MLflow calls were not logged.
-    The first job waits after step 20 until the server is dead (drill DAKD_HOLD_AT_STEP), so
-    neither fault depends on how fast the machine is."""
+    (c, second half) then the tracking server dies while the first runs;
+    (a) then the node of one of its Train workers is lost: Ray Train restarts the group from the
+    checkpoint of step 20 on the remaining nodes, and training goes on to its last step with an
+    intact checkpoint; the job reports how many MLflow calls were not logged.
+    The first job waits after step 20 (its checkpoint written) until both faults are in place
+    (drill DAKD_HOLD_AT_STEP), so no fault depends on how fast the machine is."""
     import mlflow
     from ray.job_submission import JobStatus
     from ray.util.state import list_actors
@@ -491,8 +452,8 @@ def test_same_run_twice_refused_then_mlflow_down_mid_run_the_first_completes(sta
         command = ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
                    "--set", "run_name=same", "--set", "run_stages=[1]",
                    "--set", f"stages={{stage1: {{iterations: {steps}, lr: 0.003}}}}", "--set", "checkpoint_every=20",
-                   "--set", "log_every=10", "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=mid-run",
-                   "--json"]
+                   "--set", "log_every=10", "--set", "max_failures=2", "--set", f"tracking.uri={uri}",
+                   "--set", "tracking.experiment=mid-run", "--json"]
         rc, first, text = submit(stack, command, wait=False, runtime_env={"env_vars": {"DAKD_HOLD_AT_STEP": f"20:{hold}"}})
         assert rc == 0, text[-3000:]
         client, deadline = job_client(stack), time.time() + 180
@@ -518,18 +479,31 @@ def test_same_run_twice_refused_then_mlflow_down_mid_run_the_first_completes(sta
             assert time.time() < deadline + 240, "no metrics logged"
             time.sleep(0.2)
         assert len(runs) == 1  # the refused job created no MLflow run
+        while not [k for k in s3_keys(f"{out}/same/") if k.endswith("state.json")]:  # step 20's checkpoint: holding
+            assert client.get_job_status(first) == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
+            assert time.time() < deadline + 240, "no checkpoint within the time"
+            time.sleep(0.3)
         logged_before = len(tracked.get_metric_history(runs[0].info.run_id, "train/loss"))
         assert client.get_job_status(first) == JobStatus.RUNNING, "the first job ended before the server was killed"
-    finally:
         os.killpg(server.pid, signal.SIGKILL)  # every process of the server, at once
         server.wait()
-        hold.unlink()  # the first job goes on from step 20, its tracking server gone
-    print("MLflow server killed; waiting for the first job", flush=True)
+        lost = stack["worker"]
+        assert lost in train_worker_nodes(stack, first)
+        stack["worker"] = stack["cluster"].add_node(2)  # the remaining resources: head + this node
+        stack["cluster"].remove_node(lost)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        hold.unlink()
+    print("MLflow server killed and a worker node removed; waiting for the first job", flush=True)
     assert wait_for_job(stack, first) == JobStatus.SUCCEEDED, client.get_job_logs(first)[-5000:]
     logs = client.get_job_logs(first)
     summary = last_json(logs)
     state = ckpt_io.read_state(summary["checkpoint"])
     assert state["step"] == steps and summary["steps"] == steps
+    assert state["attempt_start_step"] == 20 and f"resumed from step 20/{steps}" in logs, logs[-5000:]
+    assert stack["worker"] in train_worker_nodes(stack, first)  # restarted on the remaining nodes
     weights = ckpt_io.load_weights(summary["checkpoint"])  # the checkpoint loads whole
     assert weights and all(t.isfinite().all() for t in weights.values())
     assert logged_before <= 2 and summary["tracking_failures"] >= 1  # steps 10 and 20; the later metrics and the run's end
