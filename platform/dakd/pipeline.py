@@ -57,7 +57,8 @@ def _balance(cfg: PipelineConfig, real: str) -> dict:
     bal = (shards.read_manifest(real) or {}).get("balance")
     if bal and bal.get("split") == "train" and not cfg.overwrite:
         log.info("balance: %s already records b over its train split; skipped", real)
-        return {"job": "balance", "skipped": True, "shards": real, **{k: bal[k] for k in ("split", "images", "b", "power_x", "power_y")}}
+        return {"job": "balance", "skipped": True, "shards": real,
+                **{k: bal[k] for k in ("split", "images", "b", "power_x", "power_y")}}
     return run_balance(BalanceConfig(shards=real, split="train", ray=cfg.ray))
 
 
