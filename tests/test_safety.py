@@ -155,8 +155,8 @@ def test_shard_reader_names_missing_columns_and_lets_the_process_exit(tmp_path):
     probe = "import sys; from dakd.data import shards; assert shards.read_table(sys.argv[1]).num_rows == 64"
     procs = [subprocess.Popen([sys.executable, "-c", probe, uri], stderr=subprocess.PIPE, text=True)
              for _ in range(8)]
-    failed = [(p.wait(timeout=120), p.stderr.read()[-300:]) for p in procs]
-    assert [f for f in failed if f[0] != 0] == []
+    ends = [(p.communicate(timeout=120)[1][-300:], p.returncode) for p in procs]  # reads stderr while waiting
+    assert [e for e in ends if e[1] != 0] == []
 
 
 # ---------------------------------------------------------------- 2./5. predict: unique masks, skip, tiles
