@@ -1,7 +1,7 @@
 """`dakd tune` on a real local Ray cluster and a real MLflow server: Ray Tune trials that
-each run Ray Train jobs (student sweep: 2 T x 1 λ_kd, two parameters in two trials; teacher
-sweep: 2 b values with FID), ASHA stopping a trial that must be stopped, an interrupted sweep
-on S3 resumed without re-running finished trials, and bad input refused before any trial."""
+each run Ray Train jobs (student sweep on S3: 2 synthetic sets x 1 λ_kd, two parameters in two
+trials, interrupted and resumed without re-running the finished trial; teacher sweep: 2 b values
+with FID), ASHA stopping a trial that must be stopped, and bad input refused before any trial."""
 
 from __future__ import annotations
 
@@ -51,38 +51,68 @@ def mlflow_runs(uri: str, experiment: str) -> tuple:
 
 
 @pytest.mark.slow
-def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_server):
-    exp = f"tune-{uuid.uuid4().hex[:6]}"
-    space = "{student.loss.temperature: {grid: [1.0, 3.0]}, student.loss.lambda_kd: {grid: [0.5]}}"
-    cfg = tune_config(data, str(tmp_path / "sweeps"), space, "name=kd", f"tracking.uri={mlflow_server}",
-                      f"tracking.experiment={exp}", "student.output=runs/mine", "student.run_name=best-student",
-                      "max_concurrent_trials=2")
+def test_student_sweep_on_s3_interrupted_resumed_tracked_and_best_config(data, tmp_path, mlflow_server, s3_uri):
+    """A student sweep that lives on the S3-protocol server (Tune's experiment state, trials,
+    summary): two parameters in two trials run at once (2 synthetic sets x 1 λ_kd). One trial's
+    synthetic set is missing on the first run, so that trial fails and the sweep ends
+    unfinished; once the set exists, re-running the sweep runs only that trial. The finished
+    sweep: one MLflow parent run with a child run per trial, Tune's view equal to MLflow's, the
+    best config as `dakd train-saross --config` input, the parent's artifacts; the same name
+    with another space is refused."""
     import ray
 
+    from dakd import storage
+
+    exp = f"resume-{uuid.uuid4().hex[:6]}"
+    later = str(tmp_path / "syn-later")
+    space = f"{{student.synthetic: {{grid: ['{data['syn']}', '{later}']}}, student.loss.lambda_kd: {{grid: [0.5]}}}}"
+    cfg = tune_config(data, s3_uri, space, "name=resume", f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}",
+                      "student.output=runs/mine", "student.run_name=best-student")
     before = set(ray._private.state.actors())
+    first = run_tune(cfg)
+    assert first["completed"] == 1 and first["error"] == 1 and not first["resumed"]
+    done = next(r for r in first["table"] if r["status"] == "completed")
+    failed = next(r for r in first["table"] if r["status"] == "error")
+    assert done["student.synthetic"] == data["syn"] and failed["student.synthetic"] == later
+    client, parents, runs = mlflow_runs(mlflow_server, exp)
+    child = {r.data.tags["dakd.tune.trial_id"]: r for r in runs if "dakd.tune.trial_id" in r.data.tags}
+    assert child[failed["trial_id"]].info.status == "FAILED"
+    sweep = f"{s3_uri}/resume"
+    assert first["sweep"] == sweep and storage.exists(f"{sweep}/sweep.json") and storage.exists(f"{sweep}/summary.csv")
+    assert [f for f in storage.list_files(f"{sweep}/tune") if f.endswith(".json")]  # Tune's experiment state on S3
+    trial_dir = f"{sweep}/trials/{done['trial_id']}/student"
+    checkpoints = sorted(f for f in storage.list_files(trial_dir) if "/checkpoint_" in f)
+    assert checkpoints
+
+    import shutil
+
+    shutil.copytree(data["syn"], later)
     summary = run_tune(cfg)
-    assert summary["trials"] == 2 and summary["completed"] == 2 and not summary["resumed"]
+    assert summary["resumed"] and summary["trials"] == 2 and summary["completed"] == 2 and summary["error"] == 0
+    assert {r["trial_id"] for r in summary["table"]} == {done["trial_id"], failed["trial_id"]}
+    assert sorted(f for f in storage.list_files(trial_dir) if "/checkpoint_" in f) == checkpoints  # not run again
     # the trials' Train runs, like the driver's, go without Ray Train's PlacementGroupCleaner on a
     # Ray without a dashboard (a trial is told by the sweep: inside it Ray reports a default address)
     classes = [a.get("ActorClassName", "") for k, a in ray._private.state.actors().items() if k not in before]
     assert any("RayTrainWorker" in c for c in classes), classes
     assert not any("PlacementGroupCleaner" in c for c in classes), classes
 
-    client, parents, runs = mlflow_runs(mlflow_server, exp)
-    assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow_run_id"]
+    _, parents, runs2 = mlflow_runs(mlflow_server, exp)
+    assert len(runs2) == len(runs) == 3  # parent + 2 trials, none duplicated by the resume
+    assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow_run_id"] == first["mlflow_run_id"]
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2 and len(runs) == 3
+    children = [r for r in runs2 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
     # each child: the trial's values as params, one val/miou per epoch, tagged with its trial
     pairs, miou = set(), {}
     for run in children:
         p = run.data.params
-        pairs.add((float(p["loss.temperature"]), float(p["loss.lambda_kd"])))
+        pairs.add((p["synthetic"], float(p["loss.lambda_kd"])))
         hist = client.get_metric_history(run.info.run_id, "val/miou")
-        assert [m.step for m in hist] == [1]
+        assert [m.step for m in hist] == [1]  # the re-run trial too: one history, not two
         miou[run.data.tags["dakd.tune.trial_id"]] = hist[0].value
         assert run.info.status == "FINISHED" and run.data.tags["dakd.tune.status"] == "completed"
-    assert pairs == set(itertools.product([1.0, 3.0], [0.5]))
+    assert pairs == set(itertools.product([data["syn"], later], [0.5]))
     table = {r["trial_id"]: r for r in summary["table"]}
     assert set(table) == set(miou)
     for trial_id, value in miou.items():  # Tune's view (from the workers' reports) = MLflow's
@@ -90,26 +120,24 @@ def test_student_sweep_trials_mlflow_and_best_config(data, tmp_path, mlflow_serv
     best_id = max(miou, key=miou.get)
     assert miou[summary["best"]["trial_id"]] == miou[best_id]
 
-    # the best config: `dakd train-saross --config` input, the user's base + the best trial's values
-    best = load_config(TrainSarossConfig, summary["best_config"])
+    # the best config (read from S3): the user's base + the best trial's values
+    best = TrainSarossConfig.model_validate(yaml.safe_load(storage.read_text(summary["best_config"])))
     row = table[summary["best"]["trial_id"]]
-    assert best.loss.temperature == row["student.loss.temperature"] and best.loss.lambda_kd == row["student.loss.lambda_kd"]
+    assert best.synthetic == row["student.synthetic"] and best.loss.lambda_kd == row["student.loss.lambda_kd"]
     assert best.output == os.path.abspath("runs/mine") and best.run_name == "best-student" and best.tracking.parent_run_id is None
     assert best.model.encoder == "mobilenetv3_small_050" and best.crop_size == 32
     # the parent run: summary table, best config and the plot
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "best_student.yaml", "metric_vs_params.png"} <= arts
-    rows = list(csv.DictReader(io.StringIO((tmp_path / "sweeps" / "kd" / "summary.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{sweep}/summary.csv"))))
     assert sorted(r["trial_id"] for r in rows) == sorted(miou)
-    png = (tmp_path / "sweeps" / "kd" / "metric_vs_params.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.read_bytes(f"{sweep}/metric_vs_params.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get_run(parent.info.run_id).data.metrics["best.val/miou"] == pytest.approx(miou[best_id])
 
-    # the same name with another space is refused, not mixed into the sweep (resuming the same
-    # sweep: test_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials)
-    other = tune_config(data, str(tmp_path / "sweeps"), "{student.loss.temperature: {grid: [5.0]}}", "name=kd",
+    # the same name with another space is refused, not mixed into the sweep
+    other = tune_config(data, s3_uri, "{student.loss.temperature: {grid: [5.0]}}", "name=resume",
                         f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
-    with pytest.raises(ConfigError, match="sweep 'kd' .* different space"):
+    with pytest.raises(ConfigError, match="sweep 'resume' .* different space"):
         run_tune(other)
 
 
@@ -139,48 +167,6 @@ def test_asha_stops_a_trial_that_cannot_compete(data, tmp_path, mlflow_server):
     assert [m.step for m in first[1.0]] == list(range(1, epochs + 1))
     run = client.get_run(by_lambda[100.0].info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["dakd.tune.status"] == "stopped early"
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(data, tmp_path, mlflow_server, s3_uri):
-    """The sweep lives on the S3-protocol server (Tune's experiment state, trials, summary).
-    One trial's synthetic set is missing on the first run, so that trial fails and the sweep
-    ends unfinished; once the set exists, re-running the sweep runs only that trial."""
-    from dakd import storage
-
-    exp = f"resume-{uuid.uuid4().hex[:6]}"
-    later = str(tmp_path / "syn-later")
-    cfg = tune_config(data, s3_uri, f"{{student.synthetic: {{grid: ['{data['syn']}', '{later}']}}}}",
-                      "name=resume", f"tracking.uri={mlflow_server}", f"tracking.experiment={exp}")
-    first = run_tune(cfg)
-    assert first["completed"] == 1 and first["error"] == 1 and not first["resumed"]
-    done = next(r for r in first["table"] if r["status"] == "completed")
-    failed = next(r for r in first["table"] if r["status"] == "error")
-    assert done["student.synthetic"] == data["syn"] and failed["student.synthetic"] == later
-    client, parents, runs = mlflow_runs(mlflow_server, exp)
-    child = {r.data.tags["dakd.tune.trial_id"]: r for r in runs if "dakd.tune.trial_id" in r.data.tags}
-    assert child[failed["trial_id"]].info.status == "FAILED"
-    sweep = f"{s3_uri}/resume"
-    assert first["sweep"] == sweep and storage.exists(f"{sweep}/sweep.json") and storage.exists(f"{sweep}/summary.csv")
-    assert [f for f in storage.list_files(f"{sweep}/tune") if f.endswith(".json")]  # Tune's experiment state on S3
-    trial_dir = f"{sweep}/trials/{done['trial_id']}/student"
-    checkpoints = sorted(f for f in storage.list_files(trial_dir) if "/checkpoint_" in f)
-    assert checkpoints
-
-    import shutil
-
-    shutil.copytree(data["syn"], later)
-    again = run_tune(cfg)
-    assert again["resumed"] and again["completed"] == 2 and again["error"] == 0
-    assert {r["trial_id"] for r in again["table"]} == {done["trial_id"], failed["trial_id"]}
-    assert sorted(f for f in storage.list_files(trial_dir) if "/checkpoint_" in f) == checkpoints  # not run again
-    best = TrainSarossConfig.model_validate(yaml.safe_load(storage.read_text(again["best_config"])))  # read from S3
-    assert best.synthetic in (data["syn"], later)
-    _, _, runs2 = mlflow_runs(mlflow_server, exp)
-    assert len(runs2) == len(runs) == 3  # parent + 2 trials, none duplicated
-    assert len(client.get_metric_history(child[done["trial_id"]].info.run_id, "val/miou")) == 1
-    rerun = client.get_run(child[failed["trial_id"]].info.run_id)
-    assert rerun.info.status == "FINISHED" and [m.step for m in client.get_metric_history(rerun.info.run_id, "val/miou")] == [1]
 
 
 @pytest.mark.slow
@@ -279,10 +265,12 @@ def test_sweep_plot_of_long_paths_needs_no_layout_warning():
     from dakd.tune.results import plot_metric, tick_label
     from dakd.tune.space import Dimension
 
-    paths = ["/tmp/pytest-of-root/pytest-17/test_interrupted_sweep_on_s3_resumes_wi0/syn",
-             "/tmp/pytest-of-root/pytest-17/test_interrupted_sweep_on_s3_resumes_wi0/syn-later"]
-    dims = [Dimension("student.synthetic", "grid", paths)]  # one 4-inch panel, as in the interrupted sweep
-    rows = [{"student.synthetic": p, "best val/miou": m, "status": "completed"} for p, m in [(paths[0], 0.4), (paths[1], None)]]
+    paths = ["/tmp/pytest-of-root/pytest-17/test_student_sweep_on_s3_inter0/syn",
+             "/tmp/pytest-of-root/pytest-17/test_student_sweep_on_s3_inter0/syn-later"]
+    # two 4-inch panels, as in the student sweep on S3 (its first run: one trial failed)
+    dims = [Dimension("student.synthetic", "grid", paths), Dimension("student.loss.lambda_kd", "grid", [0.5])]
+    rows = [{"student.synthetic": p, "student.loss.lambda_kd": 0.5, "best val/miou": m, "status": "completed"}
+            for p, m in [(paths[0], 0.4), (paths[1], None)]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         png = plot_metric(rows, dims, "val/miou")
