@@ -1,5 +1,6 @@
 """SAR-JointNet on a real local Ray cluster: three stages with 2 DDP workers (gloo),
-resume after an interruption inside stage 2, checkpoints on file:// and s3://, bad input.
+resume after an interruption inside stage 2, checkpoints on file:// and s3://, the CLI (train, then
+`dakd sample` from S3), bad input.
 Tests whose point is not DDP run one Train worker: each worker is a process that imports
 torch and diffusers (about 5 s of CPU)."""
 
@@ -97,13 +98,17 @@ def test_checkpoint_round_trip_file_and_s3(tmp_path, s3_uri):
 
 
 @pytest.mark.slow
-def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
+def test_cli_trains_to_s3_in_bf16_then_samples_a_grid(real_shards, s3_uri, tmp_path, capsys):
+    """End to end through the CLI: `dakd train-jointnet` (stage 1, bf16 autocast on the CPU)
+    writes its checkpoints to S3, then `dakd sample` draws a grid from the run on S3."""
     import ray
 
-    cfg = tiny_config(real_shards, s3_uri + "/runs", "run_stages=[1]", "stages.stage1={iterations: 4, lr: 0.003}",
-                      "tracking.enabled=false", "precision=bf16", "num_workers=1")  # bf16 autocast on the CPU
+    out = s3_uri + "/runs"
     before = set(ray._private.state.actors())  # the session Ray's actors of earlier tests
-    summary = run_train_jointnet(cfg)
+    assert main(["train-jointnet", "--output", out, *sum([["--set", s] for s in TINY], []), "--set", f"shards={real_shards}",
+                 "--set", "run_stages=[1]", "--set", "stages.stage1={iterations: 4, lr: 0.003}",
+                 "--set", "tracking.enabled=false", "--set", "precision=bf16", "--set", "num_workers=1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["checkpoint"].startswith(s3_uri) and summary["steps"] == 4
     assert 0 < summary["final"]["loss"] < 10  # a finite float32 loss from the bf16 forward
     state = ckpt_io.read_state(summary["checkpoint"])
@@ -118,6 +123,16 @@ def test_training_writes_checkpoints_to_s3(real_shards, s3_uri):
     assert any("RayTrainWorker" in c for c in classes), classes  # the listing sees Train's actors
     assert not any("PlacementGroupCleaner" in c for c in classes), classes
     assert not any("PreemptionWatcher" in c for c in classes), classes  # dakd.runtime.configure_ray_train
+
+    png = str(tmp_path / "grid.png")
+    assert main(["sample", "--set", f"checkpoint={out}/jointnet", "--output", png, "--set", "count=3",
+                 "--set", "steps=4", "--json"]) == 0
+    sampled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sampled["nfe"] == 4 and sampled["checkpoint"] == summary["checkpoint"]
+    from PIL import Image
+
+    img = Image.open(png)
+    assert img.size == (64, 96)  # 3 rows of [image | mask], 32 px each
 
 
 def test_one_worker_reads_the_same_epochs_without_a_split(real_shards):
@@ -221,22 +236,3 @@ def test_nonfinite_loss_stops_and_names_the_step(real_shards, tmp_path):
         assert json.loads(state_file.read_text())["step"] < bad_step
         weights = ckpt_io.load_weights(str(state_file.parent))
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
-
-
-@pytest.mark.slow
-def test_cli_sample_grid(real_shards, tmp_path, capsys):
-    """End to end through the CLI: train stages 1-2, then `dakd sample` a grid from the run."""
-    out = str(tmp_path / "runs")
-    assert main(["train-jointnet", "--output", out, *sum([["--set", s] for s in TINY], []), "--set", f"shards={real_shards}",
-                 "--set", "run_stages=[1, 2]", "--set", "stages.stage2={iterations: 2, lr: 0.001}",
-                 "--set", "tracking.enabled=false", "--set", "num_workers=1", "--json"]) == 0
-    capsys.readouterr()
-    png = str(tmp_path / "grid.png")
-    assert main(["sample", "--set", f"checkpoint={out}/jointnet", "--output", png, "--set", "count=3",
-                 "--set", "steps=4", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["nfe"] == 4
-    from PIL import Image
-
-    img = Image.open(png)
-    assert img.size == (64, 96)  # 3 rows of [image | mask], 32 px each
