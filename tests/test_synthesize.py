@@ -1,5 +1,5 @@
 """`dakd synthesize` on a real local Ray cluster and a real S3-protocol server: a tiny
-teacher trained here, N samples across Ray Data actors into Parquet shards, exactly once
+teacher fitted here, N samples across Ray Data actors into Parquet shards, exactly once
 through a kill and re-run, a grown N and an actor that dies mid-range; bad input."""
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ import torch
 
 from dakd import __version__, storage
 from dakd.cli import main
-from dakd.config import (BalanceConfig, IngestConfig, ProceduralSource, SourceConfig, SynthesizeConfig,
-                         TrainJointNetConfig, load_config)
+from dakd.config import SynthesizeConfig, load_config
 from dakd.data import shards
-from dakd.data.balance import run_balance
-from dakd.data.classes import SOS_CLASSES
-from dakd.data.ingest import run_ingest
-from dakd.data.transforms import denormalize_image
+from dakd.data.balance import balance_factor, sample_powers
+from dakd.data.classes import OSD_CLASSES, SOS_CLASSES
+from dakd.data.procedural import generate_scene
+from dakd.data.transforms import denormalize_image, normalize_image
 from dakd.diffusion.samplers import sample
+from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_timesteps
 from dakd.errors import ConfigError, DataError, StorageError, SynthesisError
 from dakd.seeds import sample_seed
 from dakd.synth.actor import generate
 from dakd.synth.synthesize import run_synthesize
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_teacher
-from dakd.train.jointnet import run_train_jointnet
+from dakd.models.jointnet import JointNet
+from dakd.train.ema import EMA
 
 TINY_TEACHER = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
@@ -42,22 +43,44 @@ TINY_TEACHER = [
 ]
 STEPS = 3
 
-pytestmark = pytest.mark.slow  # end to end: trains on Ray Train
+pytestmark = pytest.mark.slow  # end to end: synthesis on Ray Data actors
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, ray_local):
-    """A tiny SAR-JointNet trained for 8 steps on procedural 32 px shards (5 classes)."""
+    """A tiny SAR-JointNet checkpoint written as train-jointnet writes it (model + EMA weights,
+    state.json with b of its scenes, latest.json in its run directory), fitted in-process for 8
+    joint-loss steps on 16 procedural 32 px scenes (5 classes). Training through Ray Train is
+    test_train_jointnet's (and every pipeline test's); here the teacher only has to generate."""
     root = tmp_path_factory.mktemp("synth")
-    real = str(root / "real")
-    source = SourceConfig(kind="procedural", procedural=ProceduralSource(splits={"train": 16}, height=32, width=32, seed=5))
-    run_ingest(IngestConfig(source=source, output=real, rows_per_file=8))
-    run_balance(BalanceConfig(shards=real))
-    cfg = load_config(TrainJointNetConfig, None, [f"shards={real}", f"output={root / 'runs'}", *TINY_TEACHER])
-    summary = run_train_jointnet(cfg)
-    model, state = load_teacher(summary["checkpoint"])
-    return {"real": real, "run": str(root / "runs" / "jointnet"), "checkpoint": summary["checkpoint"],
-            "model": model, "state": state}
+    scenes = [generate_scene(seed, 32, 32, looks=4) for seed in range(16)]
+    powers = np.array([sample_powers(image, mask, 5) for image, mask in scenes])
+    b = balance_factor(*powers.mean(axis=0))  # as `dakd balance` computes it
+    torch.manual_seed(0)
+    model = JointNet(in_channels_image=1, num_classes=5, block_out_channels=(8, 16), layers_per_block=1,
+                     attention_levels=(1,), norm_num_groups=4, attention_head_dim=4, sample_size=32)
+    ema, opt, scheduler = EMA(model, 0.9), torch.optim.AdamW(model.parameters(), lr=3e-3), make_train_scheduler(100)
+    g = torch.Generator().manual_seed(0)
+    for step in range(8):
+        batch = scenes[4 * (step % 4): 4 * (step % 4) + 4]
+        x0 = torch.from_numpy(np.stack([normalize_image(image) for image, _ in batch]))[:, None]
+        mask = torch.from_numpy(np.stack([m for _, m in batch])).long()
+        t = sample_timesteps(scheduler, 4, "cpu", generator=g)
+        loss = joint_loss(model, scheduler, x0, mask, b, t, torch.randn(x0.shape, generator=g),
+                          torch.randn(4, 5, 32, 32, generator=g), "ce")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+    run = str(root / "runs" / "jointnet")
+    checkpoint = f"{run}/checkpoint_000008"
+    ckpt_io.save_checkpoint(checkpoint, model.state_dict(), {
+        "kind": ckpt_io.TEACHER_KIND, "step": 8, "arch": model.arch_dict(), "b": b, "classes": OSD_CLASSES.to_dict(),
+        "num_train_timesteps": 100, "label_loss": "ce", "ema_steps": ema.steps}, ema_state=ema.state_dict())
+    storage.write_text(f"{run}/{ckpt_io.LATEST}", json.dumps({"checkpoint": checkpoint}))
+    model, state = load_teacher(run)
+    assert state["location"] == checkpoint and state["weights"] == "ema"
+    return {"run": run, "checkpoint": checkpoint, "model": model, "state": state}
 
 
 def synth_cfg(teacher: dict, output: str, *extra: str) -> SynthesizeConfig:
