@@ -144,7 +144,7 @@ TINY_PIPELINE = [
     "jointnet.num_workers=1", "jointnet.checkpoint_every=2", "jointnet.log_every=2", "jointnet.sample_every=6",
     "jointnet.sample_count=2", "jointnet.sample_steps=2", "jointnet.num_train_timesteps=50",
     "synthesize.count=8", "synthesize.steps=2", "synthesize.rows_per_file=4", "synthesize.batch_size=4",
-    "synthesize.actors_max=1", "evaluate_synthesis.features=pixels",
+    "synthesize.actors_max=1", "evaluate_synthesis.features=pixels", "evaluate_synthesis.actors=1",
     "saross.model.encoder=mobilenetv3_small_050", "saross.model.decoder_channels=[8, 8, 8]", "saross.model.caft_heads=2",
     "saross.crop_size=32", "saross.epochs=1", "saross.global_batch_size=4", "saross.num_workers=1",
     "saross.mosaic=false", "saross.overlay_count=1", "evaluate.overlay_count=1",
