@@ -180,8 +180,8 @@ def tiny_pipeline(tmp_path_factory, mlflow_server):
 # each file is one unit of work for one worker (its module fixtures start once; the tests of the
 # session's tiny pipeline run are all in test_pipeline.py), and the files start longest first, so
 # the two workers finish together. (xdist_group marks are not honoured with pytest 9: the groups
-# are the files.) Order measured on the 2-core machine (s, alone): multinode 330, tune 225,
-# accuracy 135, synthesize 95, pipeline 85, safety 70, train_jointnet 70, train_saross 60; the rest < 40.
+# are the files.) Order measured on the 2-core machine (s, in one serial run): multinode 290, tune 172,
+# accuracy 103, synthesize 80, pipeline 74, safety 76, train_jointnet 62, train_saross 58; the rest < 35.
 LONGEST_FIRST = ["test_multinode.py", "test_tune.py", "test_accuracy_sos.py", "test_synthesize.py",
                  "test_pipeline.py", "test_safety.py", "test_train_jointnet.py", "test_train_saross.py",
                  "test_evaluate_predict.py", "test_benchmarks.py", "test_fid.py"]
