@@ -33,14 +33,6 @@ from dakd.checkpoints import load_teacher
 from dakd.models.jointnet import JointNet
 from dakd.train.ema import EMA
 
-TINY_TEACHER = [
-    "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
-    "model.norm_num_groups=4", "model.attention_head_dim=4",
-    "stages.stage1={iterations: 3, lr: 0.003}", "stages.stage2={iterations: 3, lr: 0.003}",
-    "stages.stage3={iterations: 2, lr: 0.001}", "num_train_timesteps=100", "crop_size=32",
-    "batch_size_per_worker=4", "num_workers=1", "checkpoint_every=100", "log_every=4", "ema_decay=0.9",
-    "max_failures=0", "tracking.enabled=false",
-]
 STEPS = 3
 
 pytestmark = pytest.mark.slow  # end to end: synthesis on Ray Data actors

@@ -20,10 +20,18 @@ from dakd.data import shards
 from dakd.errors import ConfigError, TrackingError
 from dakd.tune.space import parse_space
 from dakd.tune.sweep import run_tune
-from test_synthesize import TINY_TEACHER
 from test_train_saross import write_real_and_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the teacher sweep's SAR-JointNet: the smallest that trains all three stages in seconds
+TINY_TEACHER = [
+    "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
+    "model.norm_num_groups=4", "model.attention_head_dim=4",
+    "stages.stage1={iterations: 3, lr: 0.003}", "stages.stage2={iterations: 3, lr: 0.003}",
+    "stages.stage3={iterations: 2, lr: 0.001}", "num_train_timesteps=100", "crop_size=32",
+    "batch_size_per_worker=4", "num_workers=1", "checkpoint_every=100", "log_every=4", "ema_decay=0.9",
+    "max_failures=0", "tracking.enabled=false",
+]
 STUDENT = ["model.encoder=mobilenetv3_small_050", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
            "global_batch_size=4", "num_workers=1", "lr=0.002", "log_every=100", "overlay_count=0", "max_failures=0",
            "epochs=1", "cache_dataset=false"]
