@@ -131,7 +131,10 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); the report is checked as HTML only")
     out, _, _ = tiny_run
     shot = tmp_path / "report.png"
+    # no network: the background services chromium starts would only fail to reach their hosts
     proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
                            f"--screenshot={shot}", "--window-size=1200,3000", f"file://{out}/{REPORT}"],
                           capture_output=True, text=True, timeout=120)
     assert shot.exists(), proc.stderr[-2000:]
