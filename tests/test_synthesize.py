@@ -302,6 +302,14 @@ def test_bad_input(teacher, tmp_path, capsys, monkeypatch):
         synth_cfg(teacher, str(tmp_path / "x"), "count=0")
     with pytest.raises(ConfigError, match="teacher"):
         run_synthesize(synth_cfg(teacher, str(tmp_path / "x"), "count=2", f"teacher={tmp_path / 'missing'}"))
+    # a malformed fault drill: refused before anything is written
+    for name, value, expected in [("DAKD_SYNTH_HOLD_AFTER_RANGES", "2", "k:/path/to/marker"),
+                                  ("DAKD_SYNTH_FAIL_AFTER_RANGES", "one", "a number of ranges")]:
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(ConfigError, match=f"{name}={value!r}: expected {expected}"):
+                run_synthesize(synth_cfg(teacher, str(tmp_path / "drill"), "count=2"))
+    assert not (tmp_path / "drill").exists()
     # a real set with another class count
     sos = str(tmp_path / "sos")
     shards.write_manifest(sos, {"kind": "real", "classes": SOS_CLASSES.to_dict(), "splits": {}})

@@ -7,7 +7,9 @@ Synthesis (read in the driver, acted on in the actors):
 ``DAKD_SYNTH_FAIL_AFTER_RANGES=k``: each actor raises after writing k ranges and refuses every
 later call, writing nothing more (the job fails, finished objects stay); ``DAKD_SYNTH_DIE_AT_RANGE=k:/local/marker``: the actor that
 samples range k dies (``os._exit``) once, after half of it is sampled and before it is
-written (the marker file records that it did); Ray restarts the actor and retries the call.
+written (the marker file records that it did); Ray restarts the actor and retries the call;
+``DAKD_SYNTH_HOLD_AFTER_RANGES=k:/local/marker``: each actor, once it has written k ranges, waits
+while the marker file exists (a test stops or changes the job while it is known to be mid-way).
 
 SAR-JointNet training (read in the driver, acted on in the Train workers):
 ``DAKD_FAIL_AT_STEP=k``: the workers fail once right after the checkpoint of step k (Ray Train
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from dakd.errors import ConfigError
 from dakd.synth.actor import SynthActor
 
 FAIL_AFTER_RANGES = "DAKD_SYNTH_FAIL_AFTER_RANGES"
 DIE_AT_RANGE = "DAKD_SYNTH_DIE_AT_RANGE"
+HOLD_AFTER_RANGES = "DAKD_SYNTH_HOLD_AFTER_RANGES"
 FAIL_AT_STEP = "DAKD_FAIL_AT_STEP"
 HOLD_AT_STEP = "DAKD_HOLD_AT_STEP"
 
@@ -43,15 +47,19 @@ def train_drills() -> dict:
 
 
 def synth_drills() -> dict | None:
-    """The synthesis drills the environment asks for ({"fail_after_ranges", "die_at_range"}),
-    None when it asks for none; ConfigError on a malformed DAKD_SYNTH_DIE_AT_RANGE."""
+    """The synthesis drills the environment asks for ({"fail_after_ranges", "die_at_range",
+    "hold_after_ranges"}), None when it asks for none; ConfigError on a malformed value."""
     fail = os.environ.get(FAIL_AFTER_RANGES)
-    die = os.environ.get(DIE_AT_RANGE)
-    if die and not re.fullmatch(r"\d+:.+", die):
-        raise ConfigError(f"{DIE_AT_RANGE}={die!r}: expected k:/path/to/marker")
-    if not fail and not die:
+    if fail and not fail.isdigit():
+        raise ConfigError(f"{FAIL_AFTER_RANGES}={fail!r}: expected a number of ranges")
+    die, hold = os.environ.get(DIE_AT_RANGE), os.environ.get(HOLD_AFTER_RANGES)
+    for name, value in ((DIE_AT_RANGE, die), (HOLD_AFTER_RANGES, hold)):
+        if value and not re.fullmatch(r"\d+:.+", value):
+            raise ConfigError(f"{name}={value!r}: expected k:/path/to/marker")
+    if not fail and not die and not hold:
         return None
-    return {"fail_after_ranges": int(fail) if fail else None, "die_at_range": die or None}
+    return {"fail_after_ranges": int(fail) if fail else None, "die_at_range": die or None,
+            "hold_after_ranges": hold or None}
 
 
 def synth_actor(job: dict) -> tuple[type, dict]:
@@ -98,6 +106,10 @@ class DrilledSynthActor(SynthActor):
     def write_range(self, k: int, start: int, stop: int) -> dict:
         stats = super().write_range(k, start, stop)
         self.written += 1
+        hold = self.drills.get("hold_after_ranges")
+        if hold and self.written == int(hold.split(":", 1)[0]):
+            while os.path.exists(hold.split(":", 1)[1]):  # as train.runner's hold_at_step
+                time.sleep(0.2)
         limit = self.drills.get("fail_after_ranges")
         if limit is not None and self.written >= int(limit):
             raise RuntimeError(f"drill: {FAIL_AFTER_RANGES}={limit} (failed after writing {stats['path']})")

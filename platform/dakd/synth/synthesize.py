@@ -214,6 +214,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
     from dakd.eval.figures import png_bytes
 
     t_start = time.perf_counter()
+    drill = drills.synth_drills()  # a malformed drill is refused before anything is written
     info = teacher_info(cfg)
     classes, identity, output = info["classes"], info["identity"], cfg.output
     ranges, plan = prepare_output(cfg, identity, classes)
@@ -222,7 +223,7 @@ def _synthesize(cfg: SynthesizeConfig) -> dict:
 
     job = {"output": output, "generation": plan.generation, "teacher_location": info["location"], "identity": identity,
            "torch_threads": cfg.torch_threads, "gpus_per_actor": cfg.gpus_per_actor, "compile": cfg.compile,
-           "drills": drills.synth_drills()}
+           "drills": drill}
     timing = {"seconds": 0.0, "samples_per_s": None, "steady_samples_per_s": None}
     new_stats: list[dict] = []
     if todo:
