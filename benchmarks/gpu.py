@@ -235,9 +235,8 @@ def write_teacher(cfg: dict, directory: str) -> str:
     from dakd import checkpoints as ckpt_io
 
     model = jointnet(cfg, SOS_CLASSES.num_classes)
-    ckpt_io.save_checkpoint(directory, model.state_dict(), {
-        "kind": "sar-jointnet", "step": 0, "arch": model.arch_dict(), "b": 1.0, "classes": SOS_CLASSES.to_dict(),
-        "num_train_timesteps": 1000, "label_loss": "ce"})
+    ckpt_io.save_checkpoint(directory, model.state_dict(), ckpt_io.teacher_meta(
+        model, SOS_CLASSES, step=0, b=1.0, num_train_timesteps=1000, label_loss="ce"))
     return directory
 
 

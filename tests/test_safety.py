@@ -470,9 +470,8 @@ def test_broken_teacher_fails_on_the_driver_before_actors(tmp_path, monkeypatch)
     net = JointNet(in_channels_image=1, num_classes=5, block_out_channels=(8, 16), layers_per_block=1,
                    attention_levels=(1,), norm_num_groups=4, attention_head_dim=4, sample_size=32)
     teacher = str(tmp_path / "teacher")
-    ckpt_io.save_checkpoint(teacher, net.state_dict(), {"kind": "sar-jointnet", "arch": net.arch_dict(), "step": 1,
-                                                         "classes": OSD_CLASSES.to_dict(), "b": 0.5,
-                                                         "num_train_timesteps": 100, "label_loss": "ce"})
+    ckpt_io.save_checkpoint(teacher, net.state_dict(), ckpt_io.teacher_meta(
+        net, OSD_CLASSES, step=1, b=0.5, num_train_timesteps=100, label_loss="ce"))
 
     def no_actors(*args, **kwargs):
         raise AssertionError("actors were started for a broken teacher")

@@ -66,9 +66,9 @@ def teacher(tmp_path_factory, ray_local):
         ema.update(model)
     run = str(root / "runs" / "jointnet")
     checkpoint = f"{run}/checkpoint_000008"
-    ckpt_io.save_checkpoint(checkpoint, model.state_dict(), {
-        "kind": ckpt_io.TEACHER_KIND, "step": 8, "arch": model.arch_dict(), "b": b, "classes": OSD_CLASSES.to_dict(),
-        "num_train_timesteps": 100, "label_loss": "ce", "ema_steps": ema.steps}, ema_state=ema.state_dict())
+    ckpt_io.save_checkpoint(checkpoint, model.state_dict(), ckpt_io.teacher_meta(
+        model, OSD_CLASSES, step=8, b=b, num_train_timesteps=100, label_loss="ce", ema_steps=ema.steps),
+        ema_state=ema.state_dict())
     storage.write_text(f"{run}/{ckpt_io.LATEST}", json.dumps({"checkpoint": checkpoint, "step": 8}))
     model, state = load_teacher(run)
     assert state["location"] == checkpoint and state["weights"] == "ema"

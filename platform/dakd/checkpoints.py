@@ -107,6 +107,15 @@ def save_checkpoint(directory: str, model_state: dict, meta: dict, ema_state: di
         json.dump(meta, f, indent=2, default=str)
 
 
+def teacher_meta(model: JointNet, classes: ClassTable, *, step: int, b: float, num_train_timesteps: int,
+                 label_loss: str, **extra) -> dict:
+    """The state.json fields every SAR-JointNet checkpoint carries: what `load_teacher`,
+    `sample` and synthesis read (kind, arch, classes, b, the noise schedule's length, the
+    label loss), plus `extra` (train-jointnet's stage, EMA steps, config, ...)."""
+    return {"kind": TEACHER_KIND, "step": step, "arch": model.arch_dict(), "b": b, "classes": classes.to_dict(),
+            "num_train_timesteps": num_train_timesteps, "label_loss": label_loss, **extra}
+
+
 def read_state(location: str) -> dict:
     """The state.json of a checkpoint directory or URI: ConfigError naming it when absent,
     DataError naming it when it is not JSON or fails `CheckpointState`."""

@@ -68,7 +68,7 @@ def teacher_info(cfg: SynthesizeConfig) -> dict:
         raise ConfigError(f"teacher: {exc}") from None
     except StorageError as exc:
         raise ConfigError(f"teacher: {cfg.teacher} cannot be read ({exc})") from None
-    if state.get("kind") != "sar-jointnet":
+    if state.get("kind") != ckpt_io.TEACHER_KIND:
         raise ConfigError(f"teacher: {location} is not a SAR-JointNet checkpoint (kind {state.get('kind')!r})")
     use_ema = cfg.ema and storage.exists(storage.join_uri(location, ckpt_io.EMA_FILE))
     teacher_hash = ckpt_io.weights_hash(location, ema=use_ema)  # checked against state.json's sha256

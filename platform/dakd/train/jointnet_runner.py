@@ -26,8 +26,6 @@ from dakd import checkpoints as ckpt_io
 from dakd.train.ema import EMA
 from dakd.train.runner import LoopConfig, TrainLoopRunner
 
-KIND = "sar-jointnet"
-
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -113,12 +111,12 @@ class JointNetRunner(TrainLoopRunner):
 
     def checkpoint_meta(self) -> dict:
         cfg, ema = self.cfg, self.ema
-        return {"kind": KIND, "step": self.step, "stage": self.stage.stage, "total_steps": self.total,
-                "stages_completed": [p.stage for p in self.plans if p.end <= self.step] + self.loop.init_stages_completed,
-                "label_initialised": self.label_initialised, "arch": self.model.arch_dict(), "b": self.loop.b,
-                "classes": self.classes.to_dict(), "num_train_timesteps": cfg.num_train_timesteps,
-                "label_loss": cfg.label_loss, "ema_steps": ema.steps if ema else 0,
-                "attempt_start_step": self.attempt_start, "shards": cfg.shards, "config": self.loop.config}
+        return ckpt_io.teacher_meta(
+            self.model, self.classes, step=self.step, b=self.loop.b, num_train_timesteps=cfg.num_train_timesteps,
+            label_loss=cfg.label_loss, stage=self.stage.stage, total_steps=self.total,
+            stages_completed=[p.stage for p in self.plans if p.end <= self.step] + self.loop.init_stages_completed,
+            label_initialised=self.label_initialised, ema_steps=ema.steps if ema else 0,
+            attempt_start_step=self.attempt_start, shards=cfg.shards, config=self.loop.config)
 
     def train(self) -> None:
         for plan in self.plans:
