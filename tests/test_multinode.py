@@ -435,9 +435,9 @@ def test_same_run_twice_refused_then_mlflow_down_and_a_node_lost_mid_run_the_fir
     anything (no checkpoint, no MLflow run), naming the first;
     (c, second half) then the tracking server dies while the first runs;
     (a) then the node of one of its Train workers is lost: Ray Train restarts the group from the
-    checkpoint of step 20 on the remaining nodes, and training goes on to its last step with an
+    checkpoint of step 6 on the remaining nodes, and training goes on to its last step with an
     intact checkpoint; the job reports how many MLflow calls were not logged.
-    The first job waits after step 20 (its checkpoint written) until both faults are in place
+    The first job waits after step 6 (its checkpoint written) until both faults are in place
     (drill DAKD_HOLD_AT_STEP), so no fault depends on how fast the machine is."""
     import mlflow
     from ray.job_submission import JobStatus
@@ -446,20 +446,20 @@ def test_same_run_twice_refused_then_mlflow_down_and_a_node_lost_mid_run_the_fir
     from dakd.runtime import LOCK_NAMESPACE
     from dakd import checkpoints as ckpt_io
 
-    hold = tmp_path / "hold"  # while it exists, the first job's workers wait after step 20
+    hold = tmp_path / "hold"  # while it exists, the first job's workers wait after step `held`
     hold.write_text("")
     server, uri = start_mlflow_server(tmp_path)
     try:
         real = pipeline_run[1]["stages"]["ingest"]["output"]
         out = f"{PREFIX}/twice"
         stack["outputs"].append(out)
-        steps = 40
+        steps, held = 12, 6
         command = ["python", "jobs/train_jointnet.py", "--set", f"shards={real}", "--output", out, *TINY_JOINTNET,
                    "--set", "run_name=same", "--set", "run_stages=[1]",
-                   "--set", f"stages={{stage1: {{iterations: {steps}, lr: 0.003}}}}", "--set", "checkpoint_every=20",
-                   "--set", "log_every=10", "--set", "max_failures=2", "--set", f"tracking.uri={uri}",
+                   "--set", f"stages={{stage1: {{iterations: {steps}, lr: 0.003}}}}", "--set", f"checkpoint_every={held}",
+                   "--set", "log_every=3", "--set", "max_failures=2", "--set", f"tracking.uri={uri}",
                    "--set", "tracking.experiment=mid-run", "--json"]
-        rc, first, text = submit(stack, command, wait=False, runtime_env={"env_vars": {"DAKD_HOLD_AT_STEP": f"20:{hold}"}})
+        rc, first, text = submit(stack, command, wait=False, runtime_env={"env_vars": {"DAKD_HOLD_AT_STEP": f"{held}:{hold}"}})
         assert rc == 0, text[-3000:]
         client, deadline = job_client(stack), time.time() + 180
         while not [a for a in list_actors(address=stack["url"], filters=[("ray_namespace", "=", LOCK_NAMESPACE),
@@ -484,7 +484,7 @@ def test_same_run_twice_refused_then_mlflow_down_and_a_node_lost_mid_run_the_fir
             assert time.time() < deadline + 240, "no metrics logged"
             time.sleep(0.2)
         assert len(runs) == 1  # the refused job created no MLflow run
-        while not [k for k in s3_keys(f"{out}/same/") if k.endswith("state.json")]:  # step 20's checkpoint: holding
+        while not [k for k in s3_keys(f"{out}/same/") if k.endswith("state.json")]:  # step 6's checkpoint: holding
             assert client.get_job_status(first) == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
             assert time.time() < deadline + 240, "no checkpoint within the time"
             time.sleep(0.3)
@@ -507,11 +507,11 @@ def test_same_run_twice_refused_then_mlflow_down_and_a_node_lost_mid_run_the_fir
     summary = last_json(logs)
     state = ckpt_io.read_state(summary["checkpoint"])
     assert state["step"] == steps and summary["steps"] == steps
-    assert state["attempt_start_step"] == 20 and f"resumed from step 20/{steps}" in logs, logs[-5000:]
+    assert state["attempt_start_step"] == held and f"resumed from step {held}/{steps}" in logs, logs[-5000:]
     assert stack["worker"] in train_worker_nodes(stack, first)  # restarted on the remaining nodes
     weights = ckpt_io.load_weights(summary["checkpoint"])  # the checkpoint loads whole
     assert weights and all(t.isfinite().all() for t in weights.values())
-    assert logged_before <= 2 and summary["tracking_failures"] >= 1  # steps 10 and 20; the later metrics and the run's end
+    assert logged_before <= 2 and summary["tracking_failures"] >= 1  # steps 3 and 6; the later metrics and the run's end
     assert f"{summary['tracking_failures']} MLflow call(s) failed and were not logged" in logs
 
 
