@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(UV_PIN)
 	# uv installs torch and the rest from constraints.txt: 50 s here with an empty uv cache,
-	# 36 s with a warm one, against ~2.5 min for pip. Bytecode is compiled at install, as pip
+	# 32-41 s with a warm one, against about 2 min for pip. Bytecode is compiled at install, as pip
 	# does: where PYTHONDONTWRITEBYTECODE is set, every process (each Ray worker) would
 	# otherwise compile Ray, torch, MLflow... from source.
 	$(UV_INSTALL) -c constraints.txt $(TORCH_PINS) -e '.[test]'
