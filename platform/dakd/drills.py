@@ -34,32 +34,33 @@ FAIL_AT_STEP = "DAKD_FAIL_AT_STEP"
 HOLD_AT_STEP = "DAKD_HOLD_AT_STEP"
 
 
+MARKER_SPEC = (r"\d+:.+", "k:/path/to/marker")  # (pattern, what the error says was expected)
+
+
+def read_drill(name: str, spec: tuple[str, str]) -> str | None:
+    """The value of drill variable `name`, None when unset; ConfigError naming it when it
+    does not match `spec` (pattern, expected)."""
+    value = os.environ.get(name)
+    if value and not re.fullmatch(spec[0], value):
+        raise ConfigError(f"{name}={value!r}: expected {spec[1]}")
+    return value or None
+
+
 def train_drills() -> dict:
     """The training drills the environment asks for, as LoopConfig fields ({"fail_at_step",
     "hold_at_step"}, None where not asked); ConfigError on a malformed value."""
-    fail = os.environ.get(FAIL_AT_STEP)
-    hold = os.environ.get(HOLD_AT_STEP)
-    if fail and not fail.isdigit():
-        raise ConfigError(f"{FAIL_AT_STEP}={fail!r}: expected a step number")
-    if hold and not re.fullmatch(r"\d+:.+", hold):
-        raise ConfigError(f"{HOLD_AT_STEP}={hold!r}: expected k:/path/to/marker")
-    return {"fail_at_step": int(fail) if fail else None, "hold_at_step": hold or None}
+    fail = read_drill(FAIL_AT_STEP, (r"\d+", "a step number"))
+    return {"fail_at_step": int(fail) if fail else None, "hold_at_step": read_drill(HOLD_AT_STEP, MARKER_SPEC)}
 
 
 def synth_drills() -> dict | None:
     """The synthesis drills the environment asks for ({"fail_after_ranges", "die_at_range",
     "hold_after_ranges"}), None when it asks for none; ConfigError on a malformed value."""
-    fail = os.environ.get(FAIL_AFTER_RANGES)
-    if fail and not fail.isdigit():
-        raise ConfigError(f"{FAIL_AFTER_RANGES}={fail!r}: expected a number of ranges")
-    die, hold = os.environ.get(DIE_AT_RANGE), os.environ.get(HOLD_AFTER_RANGES)
-    for name, value in ((DIE_AT_RANGE, die), (HOLD_AFTER_RANGES, hold)):
-        if value and not re.fullmatch(r"\d+:.+", value):
-            raise ConfigError(f"{name}={value!r}: expected k:/path/to/marker")
+    fail = read_drill(FAIL_AFTER_RANGES, (r"\d+", "a number of ranges"))
+    die, hold = read_drill(DIE_AT_RANGE, MARKER_SPEC), read_drill(HOLD_AFTER_RANGES, MARKER_SPEC)
     if not fail and not die and not hold:
         return None
-    return {"fail_after_ranges": int(fail) if fail else None, "die_at_range": die or None,
-            "hold_after_ranges": hold or None}
+    return {"fail_after_ranges": int(fail) if fail else None, "die_at_range": die, "hold_after_ranges": hold}
 
 
 def synth_actor(job: dict) -> tuple[type, dict]:
@@ -107,8 +108,9 @@ class DrilledSynthActor(SynthActor):
         stats = super().write_range(k, start, stop)
         self.written += 1
         hold = self.drills.get("hold_after_ranges")
-        if hold and self.written == int(hold.split(":", 1)[0]):
-            while os.path.exists(hold.split(":", 1)[1]):  # as train.runner's hold_at_step
+        at, marker = hold.split(":", 1) if hold else (None, None)
+        if at is not None and self.written == int(at):
+            while os.path.exists(marker):  # as train.runner's hold_at_step
                 time.sleep(0.2)
         limit = self.drills.get("fail_after_ranges")
         if limit is not None and self.written >= int(limit):
