@@ -24,6 +24,8 @@ from test_report import SECTIONS
 from dakd import storage
 from dakd.cli import main
 from dakd.config import PipelineConfig, load_config
+from dakd.data.classes import OSD_CLASSES
+from dakd.eval.figures import display_colors, error_colors
 from dakd.report import REPORT
 
 pytestmark = pytest.mark.slow  # end to end: trains on Ray Train
@@ -106,6 +108,8 @@ def test_report_written_with_sections_on_file_and_s3(tiny_run, s3_uri, capsys):
         assert f'id="{section}"' in page
     assert "b = 0." in page and "FID" in page and "| DAKD" not in page  # tables rendered, not markdown
     assert "<th>mIoU</th>" in page and "ground truth" in page and "Confusion matrix" in page
+    missed, false = error_colors(display_colors(OSD_CLASSES.colors, 5))  # procedural scenes carry OSD's classes
+    assert f'rgb{missed}"></span>missed<span style="background:rgb{false}"></span>false' in page  # the legend
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) >= 5  # 3 curves, contact sheet, confusion matrix, overlay
     from PIL import Image

@@ -10,7 +10,8 @@ import pytest
 
 from dakd.data.classes import OSD_CLASSES, SOS_CLASSES
 from dakd.errors import DataError
-from dakd.eval.figures import FALSE, MIN_PANEL, MISSED, TITLE_HEIGHT, display_colors, error_mask, overlay_panel
+from dakd.eval.figures import (FALSE, MIN_PANEL, MISSED, TITLE_HEIGHT, display_colors, error_colors, error_mask,
+                                overlay_panel, title_ink)
 from dakd.report import build_report, write_report
 
 SECTIONS = ("stages", "data", "training-curves", "synthetic-data", "evaluation")
@@ -45,6 +46,29 @@ def test_overlay_panels_are_titled_and_oil_stands_out_on_speckle():
     assert error_mask(pred, target).tolist() == np.where((target == 1) & (pred == 0), 1, np.where((pred == 1) & (target == 0), 2, 0)).tolist()
     # OSD's own (saturated) colours are kept
     assert (display_colors(OSD_CLASSES.colors, 5) == np.asarray(OSD_CLASSES.colors)).all()
+
+
+def test_error_colours_stand_apart_from_the_classes_drawn():
+    """OSD draws look-alike red and oil cyan, the binary errors' colours: its errors panel and
+    title take another pair, far from every class colour; SOS keeps red and cyan."""
+    assert error_colors(display_colors(SOS_CLASSES.colors, 2)) == (MISSED, FALSE)
+    osd = display_colors(OSD_CLASSES.colors, 5)
+    missed, false = error_colors(osd)
+    assert {missed, false}.isdisjoint({MISSED, FALSE})
+    for c in (missed, false):
+        assert np.linalg.norm(osd[1:].astype(float) - c, axis=1).min() >= 120
+    assert np.linalg.norm(np.subtract(missed, false)) >= 120
+    target = np.zeros((32, 64), np.uint8)
+    target[8:20, 10:30] = 2  # look-alike, predicted 3 px to the right
+    panel = overlay_panel(np.full((32, 64), 128, np.uint8), np.roll(target, 3, axis=1), OSD_CLASSES, target)
+    s = MIN_PANEL // 64
+    errors = panel[TITLE_HEIGHT:, 3 * MIN_PANEL:].astype(int)
+    for (y, x), colour in [((12, 11), missed), ((12, 31), false)]:  # 80 % of the error colour over grey 128
+        assert np.abs(errors[y * s, x * s] - (0.2 * 128 + 0.8 * np.asarray(colour))).max() <= 1
+    title = panel[:TITLE_HEIGHT, 3 * MIN_PANEL:].reshape(-1, 3).astype(int)
+    assert (abs(title - title_ink(missed)).sum(axis=1) < 60).any() and (abs(title - title_ink(false)).sum(axis=1) < 60).any()
+    assert title_ink(MISSED) == MISSED and title_ink(FALSE) == FALSE  # already dark enough on white
+    assert 0.299 * title_ink(false)[0] + 0.587 * title_ink(false)[1] <= 150  # yellow text darkened to read on white
 
 
 def test_report_of_an_incomplete_run_says_what_is_missing(tmp_path):

@@ -21,7 +21,7 @@ import time
 
 from dakd import storage
 from dakd.errors import DataError
-from dakd.eval.figures import display_colors, figure_png, pyplot
+from dakd.eval.figures import display_colors, error_colors, figure_png, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _eval_section(root: str) -> str:
         for uri in files:
             sid = uri.rsplit("/", 1)[-1][:-4]
             out += (f"<figure>{_img(storage.read_bytes(uri), 'overlay ' + sid, min_width=480)}<figcaption>{_esc(sid)}: "
-                    f"image | ground truth | prediction | errors (missed red, false cyan)</figcaption></figure>")
+                    f"image | ground truth | prediction | errors (missed, false: colours in the legend)</figcaption></figure>")
         if not files:
             out += _note("no overlays (evaluate.overlay_count = 0)")
         out += "</div>"
@@ -221,14 +221,19 @@ def _eval_section(root: str) -> str:
     return out
 
 
+def _swatch(rgb) -> str:
+    return f'<span style="background:rgb{tuple(int(v) for v in rgb)}"></span>'
+
+
 def _legend(root: str, names: list[str]) -> str:
     from dakd.data.shards import read_manifest
 
     m = read_manifest(storage.join_uri(root, "real")) or {}
     colors = display_colors(m.get("classes", {}).get("colors"), len(names))
-    items = "".join(f'<span style="background:rgb{tuple(int(v) for v in c)}"></span>{_esc(n)}'
-                    for n, c in zip(names[1:], colors[1:]))
-    return f'<p class="legend">Overlay colours:{items} (class {_esc(names[0])} left uncoloured)</p>'
+    items = "".join(_swatch(c) + _esc(n) for n, c in zip(names[1:], colors[1:]))
+    missed, false = error_colors(colors)
+    return (f'<p class="legend">Overlay colours:{items} (class {_esc(names[0])} left uncoloured); errors '
+            f'panel:{_swatch(missed)}missed{_swatch(false)}false</p>')
 
 
 # ---------------------------------------------------------------- page

@@ -53,6 +53,9 @@ VIVID = ((255, 0, 255), (255, 230, 0), (255, 128, 0), (0, 255, 64), (0, 230, 255
 TITLE_HEIGHT = 20  # px: the title strip above each overlay panel
 MISSED = (255, 40, 40)  # errors panel: a labelled (non-background) pixel predicted as anything else
 FALSE = (0, 200, 255)  # errors panel: background predicted as a class
+# (missed, false) colour pairs in order of preference: the first whose colours both stand apart
+# from every class colour drawn (OSD draws look-alike red and oil cyan: it gets magenta/yellow)
+ERROR_PAIRS = ((MISSED, FALSE), ((255, 0, 255), (255, 230, 0)), ((40, 80, 255), (255, 128, 0)))
 MIN_PANEL = 128  # px: smaller images are enlarged (nearest neighbour) so titles and classes stay readable
 
 
@@ -67,6 +70,23 @@ def display_colors(colors, num_classes: int) -> np.ndarray:
             out[c] = VIVID[k % len(VIVID)]
             k += 1
     return out.astype(np.uint8)
+
+
+def error_colors(colors: np.ndarray, min_distance: float = 120.0) -> tuple[tuple, tuple]:
+    """(missed, false) RGB for the errors panel: the first ERROR_PAIRS pair whose colours are both
+    at least `min_distance` (RGB Euclidean) from every drawn class colour, colors[1:] of
+    display_colors; the last pair if none is."""
+    drawn = np.asarray(colors, dtype=np.float32).reshape(-1, 3)[1:]
+    for pair in ERROR_PAIRS:
+        if all(len(drawn) == 0 or np.linalg.norm(drawn - np.asarray(c), axis=1).min() >= min_distance for c in pair):
+            return pair
+    return ERROR_PAIRS[-1]
+
+
+def title_ink(rgb) -> tuple:
+    """A colour darkened until it reads on the white title strip (luma <= 150; yellow -> olive)."""
+    luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return tuple(int(v * min(1.0, 150 / luma)) for v in rgb) if luma else tuple(rgb)
 
 
 def _blend(grey: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.65) -> np.ndarray:
@@ -101,7 +121,8 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, targ
     image] (ground truth and errors only when `target` is given) -> (TITLE_HEIGHT + s*H,
     k*s*W, 3) uint8, s = the enlargement of images narrower than MIN_PANEL. Class 0
     (background) is left uncoloured; others blend 65 % of their display colour
-    (display_colors); errors: missed in red, false in cyan (error_mask)."""
+    (display_colors); errors (error_mask): missed and false in two colours apart from the
+    classes' (error_colors: red and cyan, or magenta and yellow where classes are red or cyan)."""
     colors = display_colors(classes.colors, classes.num_classes)
     s = max(1, -(-MIN_PANEL // image.shape[1]))
     up = (lambda a: np.repeat(np.repeat(a, s, axis=0), s, axis=1)) if s > 1 else (lambda a: a)
@@ -111,8 +132,10 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, classes: ClassTable, targ
         parts.append(_titled(_blend(image, up(target), colors), "ground truth"))
     parts.append(_titled(_blend(image, pred, colors), "prediction"))
     if target is not None:
-        errors = np.asarray([(0, 0, 0), MISSED, FALSE], dtype=np.uint8)
-        title = [("errors: ", (0, 0, 0)), ("missed", MISSED), (", ", (0, 0, 0)), ("false", FALSE)]  # fits MIN_PANEL
+        missed, false = error_colors(colors)
+        errors = np.asarray([(0, 0, 0), missed, false], dtype=np.uint8)
+        title = [("errors: ", (0, 0, 0)), ("missed", title_ink(missed)), (", ", (0, 0, 0)),
+                 ("false", title_ink(false))]  # fits MIN_PANEL
         parts.append(_titled(_blend(image, error_mask(pred, up(target)), errors, alpha=0.8), title))
     return np.concatenate(parts, axis=1)
 
