@@ -9,12 +9,19 @@ all-background, and the best global threshold on box-smoothed intensity (box and
 threshold chosen on val). The test folder selects nothing.
 
     .venv/bin/python benchmarks/accuracy.py [--root ../shared/data/sos-dev] [--sensors palsar sentinel]
-        [--output runs/accuracy] [--set saross.epochs=12 ...] [--variants soft-kd-hard soft-share25 ema] [--smoke]
+        [--output runs/accuracy] [--set saross.epochs=12 ...] [--variants soft-kd-hard soft-share25 ema]
+        [--seeds 1 2] [--smoke]
 
 `--variants` adds students that differ in one recipe choice (DAKD soft's two readings and
 synthetic share; `ema`: every student again on an EMA of its weights), on the same teacher,
 synthetic set and optimiser steps; each row shows its mIoU on val beside its test figures,
 and the report names the soft recipe val prefers. Only val chooses.
+
+`--seeds 1 2` trains every student again with each seed (`saross.seed`: weight init, crops and
+sample order) on the same teacher, synthetic set and steps, and adds a table of each student's
+test and val mIoU over the seeds (the preset's seed included): mean ± sample std, and each DAKD
+student minus real-only paired by seed. One run's ranking of students is only as good as the
+spread between seeds.
 
 Prints one table per sensor (mIoU / F1 / precision / recall on test, %, the paper's figures
 beside) with the wall time per stage and the machine load; writes <output>/accuracy.json.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -50,11 +58,22 @@ VARIANTS = {
 }
 
 
+SEED_LABEL = "{student}, seed {seed}"
+
+
+def variant_spec(name: str) -> tuple:
+    """VARIANTS[name], or for "seed<N>" every student again with `saross.seed=N`."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    seed = int(name.removeprefix("seed"))
+    return ("real-only", "hard", "soft"), SEED_LABEL.replace("{seed}", str(seed)), lambda s: {"seed": seed}
+
+
 def variant_runs(name: str, modes: list[str]) -> list[tuple[str, str, str]]:
     """(student mode, run name, row label) of a variant for the pipeline's student modes."""
     from dakd.pipeline import STUDENT_NAMES
 
-    trains, label, _ = VARIANTS[name]
+    trains, label, _ = variant_spec(name)
     runs = [m for m in trains if m in modes]
     return [(m, name if len(trains) == 1 else f"{m}-{name}", label.format(student=STUDENT_NAMES[m])) for m in runs]
 
@@ -74,8 +93,9 @@ SMOKE = ["jointnet.model={block_out_channels: [8, 16], layers_per_block: 1, atte
 
 def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list[str], tracking: bool,
                variants: list[str] = ()) -> dict:
-    """The recipe for one sensor; returns {"rows": {name: metrics+training}, "wall_s": {stage: s},
-    "soft_choice": the soft row val prefers, ...}."""
+    """The recipe for one sensor, plus `variants` (VARIANTS names, or "seed<N>"); returns {"rows": {name:
+    metrics+training}, "wall_s": {stage: s}, "soft_choice": the soft row val prefers, "seeds": seed_summary or
+    None, ...}."""
     from dakd import storage
     from dakd.config import PipelineConfig, load_config
     from dakd.data.shards import open_shard_set
@@ -85,6 +105,10 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     sets = [f"source.root={root}", f"source.sensors=[{sensor}]", f"output={os.path.join(output, sensor)}",
             f"tracking.enabled={str(tracking).lower()}", *overrides]
     base = load_config(PipelineConfig, None, sets, preset=(preset, "pipeline"))
+    seeds = [int(v.removeprefix("seed")) for v in variants if v not in VARIANTS]
+    if len(set(seeds)) != len(seeds) or base.saross.seed in seeds or min(seeds, default=0) < 0:
+        raise SystemExit(f"accuracy: --seeds {' '.join(map(str, seeds))}: expected distinct seeds >= 0 other than "
+                         f"the students' own saross.seed={base.saross.seed}")
     wall: dict[str, float] = {}
     loads: dict[str, float] = {}  # 5-min load average at the end of each stage: the wall times' context
 
@@ -117,10 +141,12 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
     rows.update(run_variants(base, variants, wall, loads))
     soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [
-        label for v in variants for mode, _, label in variant_runs(v, base.student_modes) if mode == "soft"]
+        label for v in variants if v in VARIANTS for mode, _, label in variant_runs(v, base.student_modes)
+        if mode == "soft"]
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
             "soft_choice": max(soft, key=lambda k: rows[k]["val_miou"]) if soft else None,
+            "seeds": seed_summary(rows, base.student_modes, [base.saross.seed, *seeds]) if seeds else None,
             "counts": {s: e["count"] for s, e in manifest["splits"].items()},
             "b": (manifest.get("balance") or {}).get("b"),
             "fid": {base.evaluate_synthesis.features: synthesis["stages"]["evaluate-synthesis"]["fid"]}}
@@ -136,7 +162,7 @@ def run_variants(base, names: list[str], wall: dict, loads: dict) -> dict:
     for name in names:
         for mode, run, label in variant_runs(name, base.student_modes):
             t0 = time.perf_counter()
-            changes = VARIANTS[name][2](base.saross)
+            changes = variant_spec(name)[2](base.saross)
             trained[run] = (train_student(base, real, mode, base.tracking, run_name=run, **changes)["checkpoint"], label)
             note(base, wall, loads, f"variant {run}", t0)
     t0 = time.perf_counter()
@@ -144,6 +170,50 @@ def run_variants(base, names: list[str], wall: dict, loads: dict) -> dict:
     if names:
         note(base, wall, loads, "evaluate variants (test)", t0)
     return {trained[name][1]: {**result["metrics"], **training} for name, (result, training) in evaluated.items()}
+
+
+def seed_summary(rows: dict, modes: list[str], seeds: list[int]) -> dict:
+    """Each student's mIoU over `seeds` (the first: the preset's students, the rest: seed variants):
+    {"seeds", "students": {name: {"test", "val": [per seed], "test_mean", "test_std", "val_mean",
+    "val_std"}}, "minus_real_only": {name: {"test": [per seed], "mean", "std"}}}; fractions, std over seeds
+    (ddof 1)."""
+    from dakd.pipeline import STUDENT_NAMES
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    students = {}
+    for mode in modes:
+        name = STUDENT_NAMES[mode]
+        runs = [rows[name]] + [rows[SEED_LABEL.format(student=name, seed=s)] for s in seeds[1:]]
+        test, val = [r["miou"] for r in runs], [r["val_miou"] for r in runs]
+        (tm, ts), (vm, vs) = stats(test), stats(val)
+        students[name] = {"test": test, "val": val, "test_mean": tm, "test_std": ts, "val_mean": vm, "val_std": vs}
+    paired = {}
+    if "real-only" in modes:
+        base = students[STUDENT_NAMES["real-only"]]["test"]
+        for name, s in students.items():
+            if name != STUDENT_NAMES["real-only"]:
+                diffs = [a - b for a, b in zip(s["test"], base)]
+                mean, std = stats(diffs)
+                paired[name] = {"test": diffs, "mean": mean, "std": std}
+    return {"seeds": seeds, "students": students, "minus_real_only": paired}
+
+
+def format_seeds(summary: dict) -> list[str]:
+    """The --seeds table (points of mIoU) and the paired differences."""
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    lines = ["", f"Over seeds {seeds} (same teacher, synthetic set and steps; each run selected on val):", "",
+             "| student | test mIoU per seed | test mean ± std | val mIoU mean ± std |", "|---|---|---|---|"]
+    for name, s in summary["students"].items():
+        lines.append(f"| {name} | " + " / ".join(f"{100 * v:.2f}" for v in s["test"])
+                     + f" | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} | "
+                     f"{100 * s['val_mean']:.2f} ± {100 * s['val_std']:.2f} |")
+    for name, d in summary["minus_real_only"].items():
+        lines.append(f"{name} minus real-only on test, paired by seed: "
+                     + ", ".join(f"{100 * v:+.2f}" for v in d["test"])
+                     + f" (mean {100 * d['mean']:+.2f} ± {100 * d['std']:.2f})")
+    return lines
 
 
 def note(base, wall: dict, loads: dict, key: str, t0: float) -> None:
@@ -170,6 +240,8 @@ def format_report(result: dict) -> str:
                  f"| {p[3]:.2f} | - | - | - |")
     if result.get("soft_choice"):
         lines += ["", f"DAKD soft recipe preferred on val: {result['soft_choice']}"]
+    if result.get("seeds"):
+        lines += format_seeds(result["seeds"])
     recipe = sum(v for k, v in result["wall_s"].items() if not k.startswith(VARIANT_STAGES))
     lines += ["", "synthetic set FID: " + ", ".join(f"{v:.4g} ({k} features)" for k, v in result["fid"].items()),
               f"the recipe's wall time (every stage but --variants): {recipe / 60:.1f} min (goal: <= 45 min per sensor "
@@ -188,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                     help="extra DAKD soft students, one recipe choice each, compared on val")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[], metavar="SEED",
+                    help="train every student again with each seed (saross.seed) and summarise over seeds")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check the recipe runs (seconds per stage)")
     ap.add_argument("--tracking", action="store_true", help="log to MLflow (a local store under --output)")
     args = ap.parse_args(argv)
@@ -201,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_cpu()  # runs on other CPUs are not comparable
     t0 = time.perf_counter()
     results = []
-    os.makedirs(args.output, exist_ok=True)
     for sensor in args.sensors:
-        results.append(run_sensor(args.root, sensor, args.output, args.preset, overrides, args.tracking, args.variants))
+        results.append(run_sensor(args.root, sensor, args.output, args.preset, overrides, args.tracking,
+                                  args.variants + [f"seed{s}" for s in args.seeds]))
         print(format_report(results[-1]), flush=True)
         load = os.getloadavg()
+        os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "accuracy.json"), "w") as f:  # after each sensor: a stopped run keeps it
             json.dump({"results": results, "load": load, "overrides": overrides, "machine": machine}, f, indent=2,
                       default=float)

@@ -1,8 +1,9 @@
 """The SOS path on genuine data (../shared/data/sos-dev, read in place): benchmarks/accuracy.py
 at smoke size on one sensor. Ingest carves val from train, b lands near the value measured
-on the full data set, every student (a soft recipe variant too) is selected on val with
-equal steps, the soft recipe is chosen on val, the floors are fitted on val, and everything
-is reported on the test folder. The soft student and its variant only: the real-only and
+on the full data set, every student (a soft recipe variant and a second seed too) is selected
+on val with equal steps, the soft recipe is chosen on val, the floors are fitted on val, the
+seed table summarises the seeds' runs, and everything is reported on the test folder. The soft
+student, its variant and its second seed only: the real-only and
 hard-label students are the same code path with another mode (test_train_saross trains both;
 test_pipeline compares a real-only and a DAKD student at equal steps)."""
 
@@ -21,6 +22,14 @@ SOS_DEV = REPO.parent / "shared" / "data" / "sos-dev"
 pytestmark = pytest.mark.slow
 
 
+def best_state(run: Path) -> dict:
+    """state.json of the checkpoint a student run's best.json names."""
+    from dakd import storage
+
+    best = json.loads((run / "best.json").read_text())["checkpoint"]
+    return json.loads(storage.read_text(storage.join_uri(best, "state.json")))
+
+
 @pytest.mark.skipif(not SOS_DEV.is_dir(), reason="../shared/data/sos-dev not present beside the checkout")
 def test_accuracy_benchmark_smoke_on_genuine_palsar(tmp_path, ray_local, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -29,7 +38,7 @@ def test_accuracy_benchmark_smoke_on_genuine_palsar(tmp_path, ray_local, capsys)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     assert accuracy.main(["--root", str(SOS_DEV), "--sensors", "palsar", "--output", str(tmp_path), "--smoke",
-                          "--variants", "soft-kd-hard", "--set", "student_modes=[soft]"]) == 0
+                          "--variants", "soft-kd-hard", "--seeds", "1", "--set", "student_modes=[soft]"]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "accuracy.json").read_text())["results"][0]
     counts = result["counts"]
@@ -38,13 +47,24 @@ def test_accuracy_benchmark_smoke_on_genuine_palsar(tmp_path, ray_local, capsys)
     rows = result["rows"]
     students = {k: v for k, v in rows.items() if "steps" in v}
     variant = accuracy.VARIANTS["soft-kd-hard"][1]
-    assert set(students) == {"DAKD", variant}
+    assert set(students) == {"DAKD", variant, "DAKD, seed 1"}
     assert len({v["steps"] for v in students.values()}) == 1 and all(v["selected_on"] == "val" for v in students.values())
     # the soft recipe is chosen by the val score each run selected its checkpoint with
     vals = {k: json.loads((tmp_path / "palsar" / "student" / run / "best.json").read_text())["val_miou"]
             for k, run in [("DAKD", "soft"), (variant, "soft-kd-hard")]}
     assert all(students[k]["val_miou"] == v for k, v in vals.items())
     assert result["soft_choice"] == max(vals, key=vals.get) and f"preferred on val: {result['soft_choice']}" in out
+    # the second seed trained with saross.seed=1 and differs from the first; the table is made of the two runs
+    states = {run: best_state(tmp_path / "palsar" / "student" / run) for run in ("soft", "soft-seed1")}
+    assert states["soft"]["config"]["seed"] == 0 and states["soft-seed1"]["config"]["seed"] == 1
+    assert states["soft"]["weights_sha256"] != states["soft-seed1"]["weights_sha256"]
+    summary = result["seeds"]["students"]["DAKD"]
+    assert result["seeds"]["seeds"] == [0, 1]
+    assert summary["test"] == [rows["DAKD"]["miou"], rows["DAKD, seed 1"]["miou"]]
+    assert summary["val"] == [rows["DAKD"]["val_miou"], rows["DAKD, seed 1"]["val_miou"]]
+    assert abs(summary["test_mean"] - sum(summary["test"]) / 2) < 1e-12
+    assert abs(summary["test_std"] - abs(summary["test"][0] - summary["test"][1]) / 2 ** 0.5) < 1e-12
+    assert "Over seeds 0, 1" in out and f"{100 * summary['test_mean']:.2f} ± {100 * summary['test_std']:.2f}" in out
     floor = next(k for k in rows if k.startswith("threshold"))
     assert rows[floor]["miou"] > rows["all-background"]["miou"] > 0.3  # the floors on test
     assert "| paper: SAROSS-Net + DAKD" in out and "No figure was tuned on the test folder" in out

@@ -35,3 +35,44 @@ def test_gpu_benchmark_smoke(ray_local, tmp_path, capsys):
         assert sec["ray"][part]["ratio"] > 0 and "load" in sec["ray"][part]
     printed = capsys.readouterr().out
     assert "Ray Train 1 worker / bare loop" in printed and "CAFT cost" in printed and "(load " in printed
+
+
+def load_accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_bench", os.path.join(ROOT, "benchmarks", "accuracy.py"))
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    return accuracy
+
+
+def test_accuracy_seed_summary_pairs_each_student_with_real_only_by_seed():
+    """--seeds: per student mean and sample std over the seeds; DAKD minus real-only seed by seed."""
+    import statistics
+
+    accuracy = load_accuracy()
+    test = {"real-only": [0.70, 0.78, 0.74], "DAKD": [0.73, 0.75, 0.77]}
+    rows = {}
+    for name, values in test.items():
+        for seed, v in zip([3, 5, 8], values):
+            label = name if seed == 3 else accuracy.SEED_LABEL.format(student=name, seed=seed)
+            rows[label] = {"miou": v, "val_miou": v - 0.01}
+    summary = accuracy.seed_summary(rows, ["real-only", "soft"], [3, 5, 8])
+    dakd = summary["students"]["DAKD"]
+    assert dakd["test"] == test["DAKD"] and dakd["val"] == [v - 0.01 for v in test["DAKD"]]
+    assert abs(dakd["test_std"] - statistics.stdev(test["DAKD"])) < 1e-12
+    diffs = summary["minus_real_only"]["DAKD"]["test"]
+    assert [round(d, 6) for d in diffs] == [0.03, -0.03, 0.03] and list(summary["minus_real_only"]) == ["DAKD"]
+    assert abs(summary["minus_real_only"]["DAKD"]["mean"] - 0.01) < 1e-12
+    lines = "\n".join(accuracy.format_seeds(summary))
+    assert "| DAKD | 73.00 / 75.00 / 77.00 | 75.00 ± 2.00 | 74.00 ± 2.00 |" in lines
+    assert "DAKD minus real-only on test, paired by seed: +3.00, -3.00, +3.00 (mean +1.00 ± 3.46)" in lines
+
+
+def test_accuracy_refuses_seeds_that_repeat_the_students_seed(tmp_path, capsys):
+    """--seeds 0 would train the preset's students again under another name: refused, nothing written."""
+    accuracy = load_accuracy()
+    (tmp_path / "root").mkdir()
+    for seeds in (["0"], ["2", "2"], ["-1"]):
+        with pytest.raises(SystemExit, match="expected distinct seeds >= 0 other than the students' own saross.seed=0"):
+            accuracy.main(["--root", str(tmp_path / "root"), "--sensors", "palsar", "--output", str(tmp_path / "out"),
+                           "--seeds", *seeds])
+    assert not (tmp_path / "out").exists()
