@@ -92,10 +92,10 @@ SMOKE = ["jointnet.model={block_out_channels: [8, 16], layers_per_block: 1, atte
 
 
 def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list[str], tracking: bool,
-               variants: list[str] = ()) -> dict:
-    """The recipe for one sensor, plus `variants` (VARIANTS names, or "seed<N>"); returns {"rows": {name:
-    metrics+training}, "wall_s": {stage: s}, "soft_choice": the soft row val prefers, "seeds": seed_summary or
-    None, ...}."""
+               variants: list[str] = (), seeds: list[int] = ()) -> dict:
+    """The recipe for one sensor, plus `variants` (VARIANTS names) and every student again per seed of
+    `seeds`; returns {"rows": {name: metrics+training}, "wall_s": {stage: s}, "soft_choice": the soft row
+    val prefers, "seeds": seed_summary or None, ...}."""
     from dakd import storage
     from dakd.config import PipelineConfig, load_config
     from dakd.data.shards import open_shard_set
@@ -105,7 +105,6 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     sets = [f"source.root={root}", f"source.sensors=[{sensor}]", f"output={os.path.join(output, sensor)}",
             f"tracking.enabled={str(tracking).lower()}", *overrides]
     base = load_config(PipelineConfig, None, sets, preset=(preset, "pipeline"))
-    seeds = [int(v.removeprefix("seed")) for v in variants if v not in VARIANTS]
     if len(set(seeds)) != len(seeds) or base.saross.seed in seeds or min(seeds, default=0) < 0:
         raise SystemExit(f"accuracy: --seeds {' '.join(map(str, seeds))}: expected distinct seeds >= 0 other than "
                          f"the students' own saross.seed={base.saross.seed}")
@@ -139,10 +138,9 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     for mode in base.student_modes:
         metrics = json.loads(storage.read_text(storage.join_uri(ev["outputs"][mode], "metrics.json")))["metrics"]
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
-    rows.update(run_variants(base, variants, wall, loads))
+    rows.update(run_variants(base, [*variants, *(f"seed{s}" for s in seeds)], wall, loads))
     soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [
-        label for v in variants if v in VARIANTS for mode, _, label in variant_runs(v, base.student_modes)
-        if mode == "soft"]
+        label for v in variants for mode, _, label in variant_runs(v, base.student_modes) if mode == "soft"]
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
             "soft_choice": max(soft, key=lambda k: rows[k]["val_miou"]) if soft else None,
@@ -277,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for sensor in args.sensors:
         results.append(run_sensor(args.root, sensor, args.output, args.preset, overrides, args.tracking,
-                                  args.variants + [f"seed{s}" for s in args.seeds]))
+                                  args.variants, args.seeds))
         print(format_report(results[-1]), flush=True)
         load = os.getloadavg()
         os.makedirs(args.output, exist_ok=True)

@@ -108,9 +108,9 @@ class DrilledSynthActor(SynthActor):
         stats = super().write_range(k, start, stop)
         self.written += 1
         hold = self.drills.get("hold_after_ranges")
-        at, marker = hold.split(":", 1) if hold else (None, None)
-        if at is not None and self.written == int(at):
-            while os.path.exists(marker):  # as train.runner's hold_at_step
+        if hold:
+            at, marker = hold.split(":", 1)
+            while self.written == int(at) and os.path.exists(marker):  # as train.runner's hold_at_step
                 time.sleep(0.2)
         limit = self.drills.get("fail_after_ranges")
         if limit is not None and self.written >= int(limit):
