@@ -41,6 +41,7 @@ from dakd.data.transforms import normalize_image  # noqa: E402
 from dakd.diffusion.schedule import make_train_scheduler, sample_timesteps, sar_loss  # noqa: E402
 from dakd.inference import autocast, describe_cpu  # noqa: E402
 from dakd.train.ema import EMA  # noqa: E402
+from dakd.train.runner import adamw  # noqa: E402
 from dakd.train.jointnet import build_model, run_train_jointnet  # noqa: E402
 
 TINY_MODEL = ["model.block_out_channels=[16, 32]", "model.layers_per_block=1", "model.attention_levels=[1]",
@@ -57,7 +58,7 @@ def bare_steps_per_s(cfg: TrainJointNetConfig, steps: int) -> float:
     records = list(shard_set.iter_records("train"))
     model = build_model(cfg, shard_set.classes.num_classes)
     params = model.sar_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.stages.stage1.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, cfg.stages.stage1.lr, cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay) if cfg.ema else None
     sched = make_train_scheduler(cfg.num_train_timesteps)
     rng = np.random.default_rng(0)

@@ -2,9 +2,9 @@
 for the three steps of the `sos-cpu` recipe, measured side by side in one run (the two
 precisions alternate, so a change in load hits both).
 
-- teacher stage 1: SAR-Net alone, L_x (64 px crops, batch 16, the preset's U-Net);
+- teacher stage 1: SAR-Net alone, L_x (64 px crops, the preset's batch and U-Net);
 - teacher stage 3: both U-Nets coupled, L_joint;
-- student: SAROSS-Net (the preset's resnet18 + UNet++/CAFT), 128 px crops, batch 16, CE.
+- student: SAROSS-Net (the preset's resnet18 + UNet++/CAFT), 128 px crops, the preset's batch, CE.
 
 Each row: median seconds per optimiser step (forward, backward, AdamW) of each precision and
 their ratio bf16 / fp32, with the load average beside. The CPU's native bf16 support
@@ -27,23 +27,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "platform"))
 
 
-def recipe_steps(batch: int = 16) -> dict:
-    """{name: a function (precision) -> None doing one optimiser step} for the sos-cpu recipe."""
+def recipe_steps() -> dict:
+    """{name: a function (precision) -> None doing one optimiser step} for the sos-cpu recipe
+    (the preset's batches: the teacher's per worker, the student's global)."""
     from dakd.config import PipelineConfig, load_config
     from dakd.diffusion.schedule import joint_loss, make_train_scheduler, sample_timesteps, sar_loss
     from dakd.inference import autocast
     from dakd.models.saross import build_student
     from dakd.train.jointnet_runner import build_model, set_trainable
+    from dakd.train.runner import adamw
 
     cfg = load_config(PipelineConfig, preset=("sos-cpu", "pipeline"), overrides=["source.root=unused"])
     jcfg, scfg = cfg.jointnet, cfg.saross
+    batch = jcfg.batch_size_per_worker
     torch.manual_seed(0)
     teacher, scheduler = build_model(jcfg, 2), make_train_scheduler(jcfg.num_train_timesteps)
     x64, mask64 = torch.rand(batch, 1, jcfg.crop_size, jcfg.crop_size) * 2 - 1, torch.randint(0, 2, (batch, 64, 64))
 
     def teacher_step(stage: int):
         params = set_trainable(teacher, stage)
-        opt = torch.optim.AdamW(params, 1e-4)
+        opt = adamw(params, 1e-4, 0.01)
 
         def step(precision: str) -> None:
             t, noise = sample_timesteps(scheduler, batch, "cpu"), torch.randn_like(x64)
@@ -59,8 +62,9 @@ def recipe_steps(batch: int = 16) -> dict:
         return step
 
     student = build_student(scfg.model, 2).train()
-    sopt = torch.optim.AdamW(student.parameters(), 1e-4)
-    x128, mask128 = torch.randn(batch, 1, scfg.crop_size, scfg.crop_size), torch.randint(0, 2, (batch, 128, 128))
+    sopt = adamw(student.parameters(), 1e-4, 0.01)
+    sbatch = scfg.global_batch_size
+    x128, mask128 = torch.randn(sbatch, 1, scfg.crop_size, scfg.crop_size), torch.randint(0, 2, (sbatch, 128, 128))
 
     def student_step(precision: str) -> None:
         with autocast("cpu", precision):

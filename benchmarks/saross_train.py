@@ -36,6 +36,7 @@ from dakd.data.transforms import normalize_image  # noqa: E402
 from dakd.inference import describe_cpu  # noqa: E402
 from dakd.models.saross import build_student  # noqa: E402
 from dakd.train.losses import segmentation_loss  # noqa: E402
+from dakd.train.runner import adamw  # noqa: E402
 from dakd.train.saross import run_train_saross  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def bare_samples_per_s(cfg: TrainSarossConfig, steps: int) -> float:
     shard_set = open_shard_set(cfg.shards)
     records = list(shard_set.iter_records(cfg.train_split))
     model = build_student(cfg.model, shard_set.classes.num_classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(0)
     lc, b, s = cfg.loss, cfg.per_worker_batch, cfg.crop_size
     model.train()

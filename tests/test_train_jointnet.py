@@ -22,7 +22,7 @@ from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_teacher
 from dakd.runtime import ray_has_dashboard
 from dakd.train.jointnet import build_model, run_train_jointnet
-from dakd.train.runner import without_placement_group_cleaner
+from dakd.train.runner import adamw, without_placement_group_cleaner
 
 TINY = [
     "model.block_out_channels=[8, 16]", "model.layers_per_block=1", "model.attention_levels=[1]",
@@ -170,6 +170,29 @@ def test_placement_group_cleaner_kept_only_where_a_dashboard_serves_it():
     callbacks = [object(), PlacementGroupCleanerCallback(), object()]
     assert without_placement_group_cleaner(callbacks, dashboard=True) == callbacks
     assert without_placement_group_cleaner(callbacks, dashboard=False) == [callbacks[0], callbacks[2]]
+
+
+def test_jobs_optimizer_is_fused_adamw_with_the_per_tensor_update():
+    """adamw(): the fused kernel, and the same weights as torch's per-tensor AdamW after the
+    same steps (with weight decay, and a parameter the step leaves without a gradient)."""
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(3), torch.randn(4, 4)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+    weights = {}
+    for kind in ("fused", "loop"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = (adamw(params, 1e-2, 0.05) if kind == "fused"
+               else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05, foreach=False))
+        assert bool(opt.defaults["fused"]) is (kind == "fused")
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            params[2].grad = None  # frozen this step: neither kind may move it
+            opt.step()
+        weights[kind] = [p.detach() for p in params]
+    for fused, loop in zip(weights["fused"], weights["loop"]):
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+    assert torch.equal(weights["fused"][2], start[2]) and not torch.equal(weights["fused"][0], start[0])
 
 
 def test_ray_train_settings_reach_each_run_unless_the_user_set_them(monkeypatch):

@@ -24,7 +24,7 @@ from dakd.models.jointnet import JointNet, check_arch
 from dakd.seeds import sample_seed
 from dakd import checkpoints as ckpt_io
 from dakd.train.ema import EMA
-from dakd.train.runner import LoopConfig, TrainLoopRunner
+from dakd.train.runner import LoopConfig, TrainLoopRunner, adamw
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class JointNetRunner(TrainLoopRunner):
             self.init_label_net()
         self.params = set_trainable(self.model, plan.stage)
         self.net = DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.opt = torch.optim.AdamW(self.params, lr=plan.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = adamw(self.params, plan.lr, self.cfg.weight_decay)
         if self.opt_state is not None and self.opt_stage == plan.stage and self.step > plan.start:
             self.opt.load_state_dict(self.opt_state)
         self.opt_state = None

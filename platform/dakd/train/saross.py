@@ -37,7 +37,7 @@ from dakd.checkpoints import BEST, LATEST, STUDENT_KIND as KIND, load_student
 from dakd.models.saross import arch_dict, build_student
 from dakd.train.ema import EMA
 from dakd.train.losses import segmentation_loss
-from dakd.train.runner import LoopConfig, TrainLoopRunner, fit, make_trainer
+from dakd.train.runner import LoopConfig, TrainLoopRunner, adamw, fit, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class SarossRunner(TrainLoopRunner):
         self.model = build_student(cfg.model, self.classes.num_classes).to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.ema_model = None  # the network validation loads the EMA weights into (built on first use)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adamw(self.model.parameters(), cfg.lr, cfg.weight_decay)
         self.epoch, self.best, self.attempt_start = 0, {"miou": -1.0, "epoch": None}, 0
         self.dtypes = {"image": torch.float32, "mask": torch.uint8}
         if cfg.loss.mode != "real-only":
