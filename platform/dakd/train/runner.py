@@ -63,7 +63,7 @@ class LoopConfig:
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """Every job's optimizer: AdamW with torch's fused kernel (one pass over all parameters
     instead of one per tensor; the same update). On a 2-core CPU the teacher's optimizer step
-    takes a third of the per-tensor loop's time (benchmarks/precision.py)."""
+    takes under a third of the per-tensor loop's time (benchmarks/optimizer.py)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
