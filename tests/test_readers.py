@@ -420,7 +420,7 @@ def test_transparent_mask_pixels_are_an_error_naming_the_file(tmp_path, kind):
     idx = block_mask(rng, H, W, 3)
     rgba = np.concatenate([palette[idx] if kind == "palette" else np.repeat(idx[..., None], 3, axis=2),
                            np.full((H, W, 1), 255, np.uint8)], axis=2)
-    opaque = write_folder_pair(tmp_path / "ok", "a", grey_image(rng, H, W), Image.fromarray(rgba, "RGBA"))
+    write_folder_pair(tmp_path / "ok", "a", grey_image(rng, H, W), Image.fromarray(rgba, "RGBA"))
     rgba[2:5, 3:7, 3] = 0  # 12 fully transparent pixels
     holed = write_folder_pair(tmp_path / "bad", "a", grey_image(rng, H, W), Image.fromarray(rgba, "RGBA"))
     pal = palette.tolist() if kind == "palette" else None
