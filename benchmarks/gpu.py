@@ -4,7 +4,7 @@ Writes one JSON (--json, default gpu_benchmark.json) and prints a table:
 
 1. train_jointnet: paper-scale SAR-JointNet (the `sos` preset's U-Nets, 256²) joint-loss
    training steps/s in bf16 autocast at batch 16 (AdamW, grad clipping: the trainer's step).
-2. synthesis: samples/s of the joint sampler (DDIM, --synth-steps steps) with the same
+2. synthesis: samples/s of the joint sampler (DDIM, 4 steps; 2 with --smoke) with the same
    network at batch 1 / 32 / 64, fp32 vs bf16; and with torch.compile (bf16; last, as
    section 5 "synthesis_compile", since compiles are slow; skipped on the CPU).
 3. saross: SAROSS-Net with MambaVision-B at 512² inference latency (batch 1, bf16,
