@@ -1,11 +1,13 @@
 """SAROSS-Net training throughput on genuine SOS data: `dakd train-saross` on Ray Train with
 one worker against the same optimiser step in a bare process loop (goal: ratio >= 0.90),
-measured side by side in one run. The bare loop is what a user would write by hand: the
-shard set decoded into memory once, a random crop + flips per sample inline, the same model,
-loss (real-only: CE + Dice), AdamW and gradient clipping.
+measured side by side in one run. The student is the `sos-cpu` preset's (its encoder,
+decoder, crop, batch, precision and torch threads; --encoder/--crop/--batch/--threads
+override them). The bare loop is what a user would write by hand: the shard set decoded into
+memory once, a random crop + flips per sample inline, the same model, autocast, loss
+(real-only: CE + Dice), AdamW and gradient clipping.
 
     .venv/bin/python benchmarks/saross_train.py [--root ../shared/data/sos-dev] [--sensor palsar]
-        [--encoder resnet18] [--crop 128] [--batch 16] [--epochs 3] [--steps 60]
+        [--encoder NAME] [--crop N] [--batch N] [--threads N] [--epochs 3] [--steps 60]
 
 Ray Train's figure is the steady-state training samples/s it logs per epoch (the first
 epoch, which includes the feed's first read and decode, is dropped; validation is outside
@@ -33,7 +35,7 @@ from dakd.data.ingest import run_ingest  # noqa: E402
 from dakd.data.mosaic import random_crop_flip  # noqa: E402
 from dakd.data.shards import open_shard_set  # noqa: E402
 from dakd.data.transforms import normalize_image  # noqa: E402
-from dakd.inference import describe_cpu  # noqa: E402
+from dakd.inference import autocast, describe_cpu  # noqa: E402
 from dakd.models.saross import build_student  # noqa: E402
 from dakd.train.losses import segmentation_loss  # noqa: E402
 from dakd.train.runner import adamw  # noqa: E402
@@ -41,8 +43,8 @@ from dakd.train.saross import run_train_saross  # noqa: E402
 
 
 def bare_samples_per_s(cfg: TrainSarossConfig, steps: int) -> float:
-    """train-saross's real-only step (same model, loss, optimiser, clipping, batch) in this
-    process; the first quarter of the steps is warm-up."""
+    """train-saross's real-only step (same model, precision, loss, optimiser, clipping, batch) in
+    this process; the first quarter of the steps is warm-up."""
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(0)
     shard_set = open_shard_set(cfg.shards)
@@ -63,7 +65,9 @@ def bare_samples_per_s(cfg: TrainSarossConfig, steps: int) -> float:
             images.append(normalize_image(image)[None])
             masks.append(mask)
         x, y = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)).long()
-        out = segmentation_loss(model(x).float(), y, None, torch.zeros(b, dtype=torch.bool), mode="real-only",
+        with autocast("cpu", cfg.precision):
+            logits = model(x)
+        out = segmentation_loss(logits.float(), y, None, torch.zeros(b, dtype=torch.bool), mode="real-only",
                                 lambda_ce=lc.lambda_ce, lambda_dice=lc.lambda_dice, lambda_kd=lc.lambda_kd,
                                 T=lc.temperature, dice_eps=lc.dice_eps)
         opt.zero_grad(set_to_none=True)
@@ -87,9 +91,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=DEFAULT_ROOT, help="an SOS root (train/<sensor>/, test/<sensor>/)")
     ap.add_argument("--sensor", default="palsar", choices=["palsar", "sentinel"])
-    ap.add_argument("--encoder", default="resnet18")
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--encoder", help="default: the sos-cpu student's")
+    ap.add_argument("--crop", type=int, help="default: the sos-cpu student's")
+    ap.add_argument("--batch", type=int, help="default: the sos-cpu student's")
+    ap.add_argument("--threads", type=int, help="torch threads of both sides (default: the sos-cpu student's)")
     ap.add_argument("--epochs", type=int, default=3, help="Ray Train epochs (the first is dropped)")
     ap.add_argument("--steps", type=int, default=60, help="bare-loop steps (the first quarter is dropped)")
     args = ap.parse_args()
@@ -101,16 +106,20 @@ def main() -> None:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+        chosen = {"model.encoder": args.encoder, "crop_size": args.crop, "global_batch_size": args.batch,
+                  "torch_threads": args.threads}
         cfg = load_config(TrainSarossConfig, None, [
             f"shards={real}", f"output={tmp}/runs", "run_name=one", "loss.mode=real-only", "synthetic_share=0",
-            f"model.encoder={args.encoder}", f"crop_size={args.crop}", f"global_batch_size={args.batch}",
+            *(f"{k}={v}" for k, v in chosen.items() if v is not None),
             "num_workers=1", f"epochs={args.epochs}", "overlay_count=0", "keep_checkpoints=1",
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db", "ray.local_num_cpus=4"])
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db", "ray.local_num_cpus=4"], preset=("sos-cpu", "train-saross"))
         train_count = open_shard_set(real).manifest["splits"]["train"]["count"]
         bare = bare_samples_per_s(cfg, args.steps)
         one = ray_samples_per_s(cfg)
-    print(f"SAROSS-Net real-only step, SOS {args.sensor} ({train_count} train images), {args.encoder}, "
-          f"crop {args.crop}, batch {args.batch}, load (1 min): {os.getloadavg()[0]:.1f}; machine: {describe_cpu()}")
+    print(f"SAROSS-Net real-only step, SOS {args.sensor} ({train_count} train images), {cfg.model.encoder} "
+          f"(decoder {cfg.model.decoder_channels}, {cfg.model.skip_module}), crop {cfg.crop_size}, batch "
+          f"{cfg.global_batch_size}, precision {cfg.precision}, {cfg.torch_threads} torch thread(s), "
+          f"load (1 min): {os.getloadavg()[0]:.1f}; machine: {describe_cpu()}")
     print(f"bare process loop      : {bare:7.2f} samples/s")
     print(f"Ray Train, 1 worker    : {one:7.2f} samples/s   ratio to bare {one / bare:5.2f} (goal >= 0.90)")
 
