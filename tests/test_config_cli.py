@@ -84,11 +84,15 @@ def test_every_preset_builds_every_job_it_serves(name):
     for job, section in PRESET_SECTIONS.items():
         if job == "pipeline":
             continue
-        section_needs = {"ingest": needs[:1], "evaluate-synthesis": [n.split(".", 1)[1] for n in needs[1:]]}
+        section_needs = {"ingest": needs[:1], "evaluate-synthesis": [n.split(".", 1)[1] for n in needs[1:]],
+                         "tune": needs[1:]}
         cfg = load_config(JOB_CONFIGS[job], None, section_needs.get(job, []), preset=(name, job))
         # a job's preset is its section of the pipeline preset, field for field
         if isinstance(section, tuple):
             assert {k: getattr(cfg, k) for k in section} == {k: getattr(pipe, k) for k in section}, job
+        elif isinstance(section, dict):  # tune: its student/teacher/... sections are the pipeline's
+            for field, key in section.items():
+                assert dump_config(getattr(cfg, field)) == dump_config(getattr(pipe, key)), (job, field)
         else:
             assert dump_config(cfg) == dump_config(getattr(pipe, section)), job
     # every preset selects students on a val split and reports on test

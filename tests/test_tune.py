@@ -15,7 +15,7 @@ import uuid
 import pytest
 import yaml
 
-from dakd.config import TrainSarossConfig, TuneConfig, load_config
+from dakd.config import PipelineConfig, TrainSarossConfig, TuneConfig, load_config
 from dakd.data import shards
 from dakd.errors import ConfigError, TrackingError
 from dakd.tune.space import parse_space
@@ -261,6 +261,20 @@ def test_example_config_parses():
     cfg = load_config(TuneConfig, os.path.join(REPO, "jobs", "configs", "tune_student_tiny.yaml"))
     dims = parse_space(cfg.space, cfg.level, {"student": cfg.student, "teacher": cfg.teacher, "synthesize": cfg.synthesize})
     assert {d.key for d in dims} >= {"student.loss.temperature", "student.loss.lambda_kd"}
+
+
+def test_preset_example_sweeps_the_presets_student():
+    """`dakd tune --preset sos-cpu --config jobs/configs/tune_kd_sos_cpu.yaml`: each trial is the
+    preset's student (its saross section) in soft mode, with only the swept fields changed."""
+    path = os.path.join(REPO, "jobs", "configs", "tune_kd_sos_cpu.yaml")
+    cfg = load_config(TuneConfig, path, preset=("sos-cpu", "tune"))
+    pipe = load_config(PipelineConfig, None, ["source.root=/data/sos"], preset=("sos-cpu", "pipeline"))
+    assert cfg.student.loss.mode == "soft" and cfg.student.shards.endswith("runs/sos-cpu/real")
+    for field in ("model", "crop_size", "epochs", "global_batch_size", "lr", "precision", "synthetic_share"):
+        assert getattr(cfg.student, field) == getattr(pipe.saross, field), field
+    assert cfg.student.loss.lambda_ce == pipe.saross.loss.lambda_ce and cfg.teacher == pipe.jointnet
+    dims = parse_space(cfg.space, cfg.level, {"student": cfg.student, "teacher": cfg.teacher, "synthesize": cfg.synthesize})
+    assert [d.key for d in dims] == ["student.loss.temperature", "student.loss.lambda_kd"]
 
 
 def test_sweep_plot_of_long_paths_needs_no_layout_warning():

@@ -66,11 +66,14 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
 
 # ---------------------------------------------------------------- presets
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
-# job -> the part of a pipeline preset that configures it (None: the whole preset)
-PRESET_SECTIONS: dict[str, str | tuple | None] = {
+# job -> the part of a pipeline preset that configures it: None, the whole preset; a name, that
+# section; a tuple, those top-level keys; a dict, {the job's field: the preset's section}
+PRESET_SECTIONS: dict[str, str | tuple | dict | None] = {
     "pipeline": None, "ingest": ("source", "rows_per_file", "on_error"), "train-jointnet": "jointnet",
     "synthesize": "synthesize", "evaluate-synthesis": "evaluate_synthesis", "train-saross": "saross",
-    "evaluate": "evaluate"}
+    "evaluate": "evaluate",
+    "tune": {"student": "saross", "teacher": "jointnet", "synthesize": "synthesize",
+             "evaluate_synthesis": "evaluate_synthesis"}}
 
 
 def preset_names() -> list[str]:
@@ -91,6 +94,8 @@ def load_preset(name: str, job: str = "pipeline") -> dict:
         return data
     if isinstance(section, tuple):
         return {k: data[k] for k in section if k in data}
+    if isinstance(section, dict):
+        return {field: dict(data[key]) for field, key in section.items() if key in data}
     return dict(data.get(section, {}))
 
 
