@@ -85,10 +85,13 @@ REPORT_HELP = "write report.html of a pipeline run (data, curves, synthetic samp
 
 def add_job_options(p: argparse.ArgumentParser, job: str) -> None:
     if job in PRESET_SECTIONS:
-        what = {"pipeline": "the pipeline preset",
-                "tune": "the pipeline preset's saross, jointnet, synthesize and evaluate_synthesis sections as "
-                        "student, teacher, synthesize and evaluate_synthesis"}.get(
-            job, "this job's section of the pipeline preset")
+        section = PRESET_SECTIONS[job]
+        if section is None:
+            what = "the pipeline preset"
+        elif isinstance(section, dict):  # tune: several sections, each under this job's own name
+            what = "the pipeline preset's " + ", ".join(f"{key} as {field}" for field, key in section.items())
+        else:
+            what = "this job's section of the pipeline preset"
         p.add_argument("--preset", choices=preset_names(),
                        help=f"start from {what} (dakd/presets/<name>.yaml); --config and --set apply on top")
     p.add_argument("--config", metavar="FILE", help="YAML config file (examples in jobs/configs/)")
