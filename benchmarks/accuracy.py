@@ -9,12 +9,14 @@ all-background, and the best global threshold on box-smoothed intensity (box and
 threshold chosen on val). The test folder selects nothing.
 
     .venv/bin/python benchmarks/accuracy.py [--root ../shared/data/sos-dev] [--sensors palsar sentinel]
-        [--output runs/accuracy] [--set saross.epochs=12 ...] [--variants soft-kd-hard soft-share25 ema]
+        [--output runs/accuracy] [--set saross.epochs=12 ...]
+        [--variants soft-kd-hard soft-share25 ema synthetic-only]
         [--seeds 1 2] [--smoke]
 
 `--variants` adds students that differ in one recipe choice (DAKD soft's two readings and
-synthetic share; `ema`: every student again on an EMA of its weights), on the same teacher,
-synthetic set and optimiser steps; each row shows its mIoU on val beside its test figures,
+synthetic share; `ema`: every student again on an EMA of its weights; `synthetic-only`: a
+student trained on the synthetic set alone, "train on synthetic, test on real"), on the same
+teacher, synthetic set and optimiser steps; each row shows its mIoU on val beside its test figures,
 and the report names the soft recipe val prefers. Only val chooses.
 
 `--seeds 1 2` trains every student again with each seed (`saross.seed`: weight init, crops and
@@ -53,6 +55,10 @@ VARIANTS = {
     "soft-share25": (("soft",), "DAKD (soft, 25% synthetic)",
                      lambda s: {"synthetic_share": 0.25,
                                 "epochs": max(1, round(s.epochs * 0.75 / (1 - s.synthetic_share)))}),
+    # train on synthetic, test on real: R synthetic mosaics per epoch (the teacher's argmax as labels) and no
+    # real crop, 1 / (1 - share) times the epochs for the same steps; what the synthetic set teaches on its own
+    "synthetic-only": (("hard",), "synthetic only (teacher's argmax; no real sample)",
+                       lambda s: {"synthetic_share": 1.0, "epochs": round(s.epochs / (1 - s.synthetic_share))}),
     # every student again, validated, selected and evaluated on an EMA of its weights
     "ema": (("real-only", "hard", "soft"), "{student} + EMA of the weights (0.99)", lambda s: {"ema_decay": 0.99}),
 }
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="sos-cpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
-                    help="extra DAKD soft students, one recipe choice each, compared on val")
+                    help="extra students, one recipe choice each, compared on val")
     ap.add_argument("--seeds", nargs="*", type=int, default=[], metavar="SEED",
                     help="train every student again with each seed (saross.seed) and summarise over seeds")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check the recipe runs (seconds per stage)")

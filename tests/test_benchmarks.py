@@ -76,3 +76,28 @@ def test_accuracy_refuses_seeds_that_repeat_the_students_seed(tmp_path, capsys):
             accuracy.main(["--root", str(tmp_path / "root"), "--sensors", "palsar", "--output", str(tmp_path / "out"),
                            "--seeds", *seeds])
     assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_variants_keep_the_presets_steps():
+    """Every --variants student, built as the benchmark trains it on the sos-cpu preset, is a valid
+    config and takes the preset students' optimiser steps, up to one step per epoch of rounding
+    (epoch samples: R real + S synthetic, S = R share / (1 - share); synthetic only: R)."""
+    from dakd.config import PipelineConfig, load_config
+    from dakd.pipeline import student_config
+
+    accuracy = load_accuracy()
+    base = load_config(PipelineConfig, None, ["source.root=/data/sos"], preset=("sos-cpu", "pipeline"))
+
+    def steps(cfg, r: int) -> int:
+        share = cfg.synthetic_share
+        epoch = r if share == 1 else r + round(r * share / (1 - share))
+        return epoch // cfg.global_batch_size * cfg.epochs
+
+    for name in accuracy.VARIANTS:
+        for mode, run, _ in accuracy.variant_runs(name, base.student_modes):
+            cfg = student_config(base, "runs/real", mode, base.tracking, run, **accuracy.variant_spec(name)[2](base.saross))
+            assert cfg.loss.mode == mode and cfg.run_name == run
+            for r in (428, 432):  # the sos-dev train counts after val is carved out
+                assert abs(steps(cfg, r) - steps(base.saross, r)) <= cfg.epochs, (name, mode, r)
+    only = student_config(base, "runs/real", "hard", base.tracking, **accuracy.variant_spec("synthetic-only")[2](base.saross))
+    assert only.synthetic_share == 1.0 and only.epochs == 2 * base.saross.epochs

@@ -119,6 +119,26 @@ def test_feed_mixes_real_crops_and_synthetic_mosaics(data):
             assert not r["logits"].any() and r["image"].shape == (1, 2 * TILE, 2 * TILE)
 
 
+@pytest.mark.slow
+def test_synthetic_only_feed_and_student(data, tmp_path):
+    """synthetic_share=1: an epoch of R synthetic mosaics and no real crop; the student trains
+    on them (soft: KD only) and is validated on the real val split."""
+    real = shards.open_shard_set(data["real"])
+    ds, info = training_dataset(real, "train", 2 * TILE, synthetic=data["syn"], mode="soft", share=1.0, use_mosaic=True)
+    rows = ds.take_all()
+    assert info["real"] == 0 and info["synthetic"] == synthetic_count(8, 1.0) == 8 == info["epoch_samples"]
+    assert len(rows) == 8 and all(r["synthetic"] for r in rows)
+    run = run_train_saross(config(data, str(tmp_path / "runs"), "loss.mode=soft", "synthetic_share=1", "epochs=1",
+                                  "num_workers=1", "tracking.enabled=false"))
+    assert run["data"]["real"] == 0 and run["steps"] == 8 // 4 and run["selected_on"] == "val"
+    state = ckpt_io.read_state(run["last_checkpoint"])
+    assert state["step"] == 2 and 0.0 <= state["val"]["miou"] <= 1.0
+    with pytest.raises(ConfigError, match="synthetic_share=1 .* leaves loss.mode=real-only nothing to train on"):
+        config(data, str(tmp_path / "runs"), "loss.mode=real-only", "synthetic_share=1")
+    with pytest.raises(ConfigError, match="synthetic_share"):
+        config(data, str(tmp_path / "runs"), "synthetic_share=1.5")
+
+
 def test_each_worker_gets_both_kinds_every_epoch(data):
     """Ray Train hands each worker a streaming_split(equal=True) share of the epoch; the
     feed's block-order + window shuffle (no all-to-all shuffle) must still give every worker

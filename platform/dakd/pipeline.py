@@ -126,23 +126,30 @@ def _train_students(cfg: PipelineConfig, real: str, tracking_cfg) -> dict:
     return {mode: train_student(cfg, real, mode, tracking_cfg) for mode in cfg.student_modes}
 
 
-def train_student(cfg: PipelineConfig, real: str, mode: str, tracking_cfg, run_name: str | None = None,
-                  **saross_update) -> dict:
-    """One student on the pipeline's real and synthetic sets, under `student/<run_name or mode>`;
-    `saross_update` changes its TrainSarossConfig (nested configs as dicts, e.g. loss={...}).
-    Skipped when that run already holds a best checkpoint of the same config."""
-    from dakd.checkpoints import BEST, read_state
-    from dakd.train.saross import run_train_saross
-
-    name = run_name or mode
+def student_config(cfg: PipelineConfig, real: str, mode: str, tracking_cfg, run_name: str | None = None,
+                   **saross_update) -> TrainSarossConfig:
+    """The TrainSarossConfig of one student on the pipeline's real and synthetic sets, under
+    `student/<run_name or mode>`; `saross_update` changes the `saross` section (nested configs
+    as dicts, e.g. loss={...}). The changes are checked here, not in a worker."""
     update = {k: getattr(cfg.saross, k).model_copy(update=v) if isinstance(v, dict) else v
               for k, v in saross_update.items()}
     loss = update.pop("loss", cfg.saross.loss)
     scfg = cfg.saross.model_copy(update={
         **update, "shards": real, "synthetic": storage.join_uri(cfg.output, "synthetic"),
-        "output": storage.join_uri(cfg.output, "student"), "run_name": name,
+        "output": storage.join_uri(cfg.output, "student"), "run_name": run_name or mode,
         "loss": loss.model_copy(update={"mode": mode}), "ray": cfg.ray, "tracking": tracking_cfg})
-    scfg = TrainSarossConfig.model_validate(scfg.model_dump())  # the changes checked here, not in a worker
+    return TrainSarossConfig.model_validate(scfg.model_dump())
+
+
+def train_student(cfg: PipelineConfig, real: str, mode: str, tracking_cfg, run_name: str | None = None,
+                  **saross_update) -> dict:
+    """One student (student_config); skipped when its run already holds a best checkpoint of
+    the same config."""
+    from dakd.checkpoints import BEST, read_state
+    from dakd.train.saross import run_train_saross
+
+    name = run_name or mode
+    scfg = student_config(cfg, real, mode, tracking_cfg, run_name, **saross_update)
     pointer = storage.join_uri(scfg.output, name, BEST)
     if storage.exists(pointer) and not cfg.overwrite:
         best = json.loads(storage.read_text(pointer))["checkpoint"]

@@ -57,9 +57,11 @@ class TrainSarossConfig(DataParallel):
 
     Every loss mode sees the same samples per epoch, R / (1 - synthetic_share) for R real
     train samples (real-only fills the synthetic share with more real crops), so students
-    of one config get equal optimiser steps. The best checkpoint is selected on `val_split`
-    ("val", carved at ingest by source.val_fraction); selecting on the test split is refused
-    unless `select_on_test` is set, and is then flagged in the summary, best.json and MLflow."""
+    of one config get equal optimiser steps; `synthetic_share: 1` trains on R synthetic
+    samples per epoch and no real one ("train on synthetic, test on real"). The best
+    checkpoint is selected on `val_split` ("val", carved at ingest by source.val_fraction);
+    selecting on the test split is refused unless `select_on_test` is set, and is then
+    flagged in the summary, best.json and MLflow."""
 
     shards: Location = "runs/demo/real"
     synthetic: Location | None = Field("runs/demo/synthetic", description="synthetic shard set (ignored in real-only mode)")
@@ -73,7 +75,10 @@ class TrainSarossConfig(DataParallel):
     select_on_test: bool = Field(False, description="allow val_split=test (flagged as selected on the test split)")
     crop_size: int = Field(512, ge=32)
     mosaic: bool = Field(True, description="synthetic tiles four at a time into 2x2 mosaics (else one tile per sample)")
-    synthetic_share: float = Field(0.5, ge=0.0, lt=1.0, description="expected share of synthetic samples per batch")
+    synthetic_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="expected share of synthetic samples per batch; 1: synthetic samples only "
+                                         "(R per epoch, loss modes hard and soft): what the synthetic set teaches "
+                                         "on its own, measured on the real val split")
     epochs: int = Field(200, ge=1)
     batch_size_per_worker: int = Field(8, ge=1)
     global_batch_size: int | None = Field(16, ge=1)
@@ -105,6 +110,9 @@ class TrainSarossConfig(DataParallel):
                              "val_split=val, or set select_on_test=true (flagged in the summary, best.json and MLflow)")
         if self.val_split == self.train_split:
             raise ValueError(f"val_split={self.val_split}: must differ from train_split")
+        if self.synthetic_share == 1.0 and self.loss.mode == "real-only":
+            raise ValueError("synthetic_share=1 (synthetic samples only) leaves loss.mode=real-only nothing to train "
+                             "on: use loss.mode=hard or soft")
         if self.crop_size % 32:
             raise ValueError(f"crop_size {self.crop_size}: must be a multiple of 32 (the encoder's deepest stride)")
         return self

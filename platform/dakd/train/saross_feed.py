@@ -15,7 +15,8 @@ shuffle), so each worker's batches mix both kinds; an epoch smaller than a windo
 shuffled globally.
 Every mode sees R + S samples per epoch (compute-matched students): `real-only` fills
 the S slots with more random crops of real images (whole shard blocks in a random
-order, re-drawn every epoch).
+order, re-drawn every epoch). With share 1 an epoch holds S = R synthetic samples and no
+real one.
 
 Row layout (numpy): `image` float32 (1, s, s) in [-1, 1] (data.transforms), `mask` uint8
 (s, s) (real: ground truth; synthetic: argmax of the logits), and, when synthetic data is
@@ -151,8 +152,9 @@ def mark_real(batch: dict, num_classes: int) -> dict:
 
 
 def synthetic_count(real_count: int, share: float) -> int:
-    """S = round(R * share / (1 - share)) synthetic samples per epoch."""
-    return int(round(real_count * share / (1.0 - share)))
+    """S = round(R * share / (1 - share)) synthetic samples per epoch; share 1 (synthetic
+    samples only): S = R."""
+    return real_count if share >= 1.0 else int(round(real_count * share / (1.0 - share)))
 
 
 def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: str | None, mode: str,
@@ -173,12 +175,14 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
         # compute-matched: the synthetic share is filled with more real crops (repeats)
         info["real"] = r + s
         return real_dataset(real, split, crop_size, cache=cache, samples=r + s, seed=seed), info
-    ds = real_dataset(real, split, crop_size, cache=cache, seed=seed)
     if not synthetic:
         raise ConfigError(f"loss.mode={mode}: set `synthetic` to a synthetic shard set (from `dakd synthesize`)")
     syn_set = open_shard_set(synthetic)
     syn = check_synthetic(syn_set, num_classes, crop_size, use_mosaic)
     info.update(synthetic=s, synthetic_tiles=syn["count"], tile=list(syn["tile"]))
+    if share >= 1.0:  # synthetic samples only
+        info.update(real=0, real_distinct=0, epoch_samples=s)
+    ds = real_dataset(real, split, crop_size, cache=cache, seed=seed) if info["real"] else None
     if s == 0:
         return ds, info
     group = 4 if use_mosaic else 1
@@ -196,6 +200,8 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
         mosaic_batch, fn_kwargs={"crop_size": crop_size, "use_mosaic": use_mosaic, "run_seed": seed, "copy": k},
         batch_size=group * 8, batch_format="numpy") for k in range(reps)]
     syn_ds = block_order(passes[0].union(*passes[1:]) if reps > 1 else passes[0], seed, "mosaics").limit(s)
+    if ds is None:  # synthetic samples only
+        return shuffle_window(syn_ds, seed), info
     real_ds = ds.map_batches(mark_real, fn_kwargs={"num_classes": num_classes}, batch_format="numpy")
     # Mixing the union: the workers' split hands out whole blocks, so without it one worker
     # could get only real blocks and another only synthetic ones.
