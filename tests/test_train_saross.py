@@ -23,7 +23,7 @@ from dakd.eval.metrics import confusion_matrix, segmentation_metrics
 from dakd.inference import segment
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_student
-from dakd.train.saross import run_train_saross, scheduled_lr
+from dakd.train.saross import check_prefetch_memory, epoch_bytes, run_train_saross, scheduled_lr
 from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
 
 TILE = 32
@@ -273,11 +273,28 @@ def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     with pytest.raises(ConfigError, match="val_split=test: the best checkpoint would be chosen on the split"):
         config(data, out, "val_split=test")
     hard = run_train_saross(config(data, out, "loss.mode=hard", "epochs=1", "run_name=hard", "tracking.enabled=false",
-                                   "synthetic_share=0.2", "val_split=test", "select_on_test=true", "num_workers=1"))
+                                   "synthetic_share=0.2", "val_split=test", "select_on_test=true", "num_workers=1",
+                                   "prefetch_epoch=true"))
     assert hard["data"]["synthetic"] == synthetic_count(8, 0.2) == 2 and hard["epochs"] == 1
+    # prefetch_epoch: the epoch's batches are read first, then every one is trained on
+    assert hard["steps"] == (8 + 2) // 4 == ckpt_io.read_state(hard["last_checkpoint"])["step"]
     # selecting on test when asked for explicitly: flagged in the summary and best.json
     assert hard["selected_on"] == "test" and hard["selected_on_test"] is True
     assert json.loads((tmp_path / "runs" / "hard" / "best.json").read_text())["selected_on_test"] is True
+
+
+def test_prefetch_epoch_memory_is_checked(data, tmp_path):
+    """prefetch_epoch holds a worker's epoch in memory: its size is the samples' arrays, and an
+    epoch over half the node's memory is refused naming the setting."""
+    cfg = config(data, str(tmp_path), "loss.mode=soft", "crop_size=64", "num_workers=2", "prefetch_epoch=true")
+    info = {"epoch_samples": 16}
+    # 8 samples per worker, each a float32 image, uint8 mask and 5 float32 logit planes of 64x64
+    assert epoch_bytes(cfg, info, 5) == 8 * 64 * 64 * (4 + 1 + 4 * 5)
+    check_prefetch_memory(cfg, info, 5)
+    huge = {"epoch_samples": 2 ** 40}
+    with pytest.raises(ConfigError, match="prefetch_epoch=true: a worker's epoch .* set prefetch_epoch=false"):
+        check_prefetch_memory(cfg, huge, 5)
+    check_prefetch_memory(cfg.model_copy(update={"prefetch_epoch": False}), huge, 5)  # streaming: nothing held
 
 
 def test_scheduled_lr_constant_and_cosine():

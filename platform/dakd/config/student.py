@@ -93,6 +93,13 @@ class TrainSarossConfig(DataParallel):
                                       "None: the raw weights (the paper)")
     grad_clip: float = Field(1.0, gt=0)
     cache_dataset: bool = True
+    prefetch_epoch: bool = Field(
+        False, description="each worker reads its whole epoch of batches into memory before the epoch's first step "
+                           "(the same feed and draws, train.feed). On a CPU-only node the feed's Ray Data tasks then "
+                           "do not compete with the training threads for the cores (2-core CPU, DAKD soft: 0.87 of "
+                           "a bare loop against 0.66 streaming, benchmarks/saross_train.py); on a GPU node keep it "
+                           "off, so the feed overlaps the GPU's work. Memory: one epoch of batches per worker "
+                           "(train.saross.epoch_bytes), refused above half the node's memory")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(20, ge=1)

@@ -126,7 +126,10 @@ class SarossRunner(TrainLoopRunner):
         cfg = self.cfg
         self.model.train()
         sums, counts = {}, {"steps": 0, "samples": 0, "synthetic": 0}
-        for batch in self.batches(self.dtypes):
+        batches = self.batches(self.dtypes)
+        if cfg.prefetch_epoch:  # read first, then train: the feed's tasks and the steps do not share the cores
+            batches = list(batches)
+        for batch in batches:
             out, syn = self.train_step(batch)
             counts["steps"] += 1
             counts["samples"] += syn.shape[0]
@@ -287,6 +290,26 @@ def check_val_split(real, cfg: TrainSarossConfig) -> int:
     return count
 
 
+def epoch_bytes(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> int:
+    """Bytes one worker holds with `prefetch_epoch`: its share of the epoch's samples, each a
+    crop_size^2 float32 image and uint8 mask, plus float32 teacher logits (C per pixel) and a
+    flag when synthetic data is used."""
+    per_pixel = 4 + 1 + (4 * num_classes if cfg.loss.mode != "real-only" else 0)
+    return data_info["epoch_samples"] // cfg.num_workers * cfg.crop_size ** 2 * per_pixel
+
+
+def check_prefetch_memory(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> None:
+    """ConfigError naming `prefetch_epoch` when one worker's epoch would take more than half this
+    node's memory."""
+    if not cfg.prefetch_epoch:
+        return
+    need, total = epoch_bytes(cfg, data_info, num_classes), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total // 2:
+        raise ConfigError(f"prefetch_epoch=true: a worker's epoch ({data_info['epoch_samples']} samples of "
+                          f"{cfg.crop_size}x{cfg.crop_size} over {cfg.num_workers} worker(s)) takes {need / 2**30:.1f} GiB, "
+                          f"more than half this node's {total / 2**30:.1f} GiB; set prefetch_epoch=false (stream the feed)")
+
+
 def selection_info(cfg: TrainSarossConfig) -> dict:
     """How the best checkpoint is chosen (goes into best.json, the summary and MLflow)."""
     return {"selected_on": cfg.val_split, "selected_on_test": cfg.val_split == TEST_SPLIT}
@@ -310,6 +333,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     dataset, data_info = training_dataset(real, cfg.train_split, cfg.crop_size, synthetic=cfg.synthetic,
                                           mode=cfg.loss.mode, share=cfg.synthetic_share, use_mosaic=cfg.mosaic,
                                           cache=cfg.cache_dataset, seed=cfg.seed)
+    check_prefetch_memory(cfg, data_info, classes.num_classes)
     per_epoch = (data_info["real"] + data_info["synthetic"]) // (cfg.per_worker_batch * cfg.num_workers)
     if cfg.val_split == TEST_SPLIT:
         log.warning("train-saross: the best checkpoint is selected on the test split (select_on_test=true); "
