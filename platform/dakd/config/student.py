@@ -96,8 +96,8 @@ class TrainSarossConfig(DataParallel):
     prefetch_epoch: bool = Field(
         False, description="each worker reads its whole epoch of batches into memory before the epoch's first step "
                            "(the same feed and draws, train.feed). On a CPU-only node the feed's Ray Data tasks then "
-                           "do not compete with the training threads for the cores (2-core CPU, DAKD soft: 0.87 of "
-                           "a bare loop against 0.66 streaming, benchmarks/saross_train.py); on a GPU node keep it "
+                           "do not compete with the training threads for the cores (2-core CPU, DAKD soft: 0.83-0.87 of "
+                           "a bare loop against 0.65-0.66 streaming, benchmarks/saross_train.py); on a GPU node keep it "
                            "off, so the feed overlaps the GPU's work. Memory: one epoch of batches per worker "
                            "(train.saross.epoch_bytes), refused above half the node's memory")
     keep_checkpoints: int = Field(2, ge=1)
