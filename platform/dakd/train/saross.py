@@ -292,8 +292,8 @@ def check_val_split(real, cfg: TrainSarossConfig) -> int:
 
 def epoch_bytes(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> int:
     """Bytes one worker holds with `prefetch_epoch`: its share of the epoch's samples, each a
-    crop_size^2 float32 image and uint8 mask, plus float32 teacher logits (C per pixel) and a
-    flag when synthetic data is used."""
+    crop_size^2 float32 image and uint8 mask, plus float32 teacher logits (C per pixel) when
+    synthetic data is used (the per-sample flag's byte left out)."""
     per_pixel = 4 + 1 + (4 * num_classes if cfg.loss.mode != "real-only" else 0)
     return data_info["epoch_samples"] // cfg.num_workers * cfg.crop_size ** 2 * per_pixel
 
