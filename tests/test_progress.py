@@ -22,10 +22,26 @@ def test_a_drivers_lines_reuse_an_idle_counter_from_zero(ray_local, monkeypatch)
             assert inner._actor_id != second._actor_id
     for handle in (second, inner):  # idle counters that died (e.g. with their node) are not handed out
         ray.kill(handle)
+    for handle in (second, inner):  # ray.kill is asynchronous: wait until each is dead
+        _wait_dead(ray, handle)
     with progress_line("after", total=3) as after:
         assert after._actor_id not in (second._actor_id, inner._actor_id)
         report(after, 2)
         assert ray.get(after.get.remote()) == (2, "")
+
+
+def _wait_dead(ray, handle, timeout_s: float = 30.0) -> None:
+    """Return once calls on `handle` fail with the actor's death (ray.kill only asks GCS to kill it)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.get.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor {handle._actor_id} still answers {timeout_s} s after ray.kill")
 
 
 def test_one_worker_runs_get_a_backend_that_does_not_import_torch():
