@@ -19,11 +19,12 @@ student trained on the synthetic set alone, "train on synthetic, test on real"),
 teacher, synthetic set and optimiser steps; each row shows its mIoU on val beside its test figures,
 and the report names the soft recipe val prefers. Only val chooses.
 
-`--seeds 1 2` trains every student again with each seed (`saross.seed`: weight init, crops and
-sample order) on the same teacher, synthetic set and steps, and adds a table of each student's
-test and val mIoU over the seeds (the preset's seed included): mean ± sample std, and each DAKD
-student minus real-only paired by seed. One run's ranking of students is only as good as the
-spread between seeds.
+`--seeds 1 2` trains every student (the `--variants` ones too) again with each seed (`saross.seed`:
+weight init, crops and sample order) on the same teacher, synthetic set and steps, and adds a
+table of each student's test and val mIoU over the seeds (the preset's seed included): mean ±
+sample std, and each DAKD student minus real-only paired by seed; the soft recipe is then chosen
+on its mean val over seeds. One run's ranking of students is only as good as the spread between
+seeds. A finished student of the same config under the same output is reused, not trained again.
 
 Prints one table per sensor (mIoU / F1 / precision / recall on test, %, the paper's figures
 beside) with the wall time per stage and the machine load; writes <output>/accuracy.json.
@@ -68,11 +69,18 @@ SEED_LABEL = "{student}, seed {seed}"
 
 
 def variant_spec(name: str) -> tuple:
-    """VARIANTS[name], or for "seed<N>" every student again with `saross.seed=N`."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    seed = int(name.removeprefix("seed"))
-    return ("real-only", "hard", "soft"), SEED_LABEL.replace("{seed}", str(seed)), lambda s: {"seed": seed}
+    """VARIANTS[name]; "seed<N>": every student again with `saross.seed=N`; "<variant>+seed<N>": that
+    variant's students again with `saross.seed=N`."""
+    variant, _, seed = name.partition("+")
+    if variant.startswith("seed"):
+        variant, seed = "", variant
+    if not seed:
+        return VARIANTS[variant]
+    n = int(seed.removeprefix("seed"))
+    trains, label, changes = VARIANTS[variant] if variant else (("real-only", "hard", "soft"), "{student}",
+                                                                lambda s: {})
+    return trains, SEED_LABEL.replace("{student}", label).replace("{seed}", str(n)), \
+        lambda s: {**changes(s), "seed": n}
 
 
 def variant_runs(name: str, modes: list[str]) -> list[tuple[str, str, str]]:
@@ -81,7 +89,16 @@ def variant_runs(name: str, modes: list[str]) -> list[tuple[str, str, str]]:
 
     trains, label, _ = variant_spec(name)
     runs = [m for m in trains if m in modes]
-    return [(m, name if len(trains) == 1 else f"{m}-{name}", label.format(student=STUDENT_NAMES[m])) for m in runs]
+    run = name.replace("+", "-")
+    return [(m, run if len(trains) == 1 else f"{m}-{run}", label.format(student=STUDENT_NAMES[m])) for m in runs]
+
+
+def extra_runs(variants: list[str], seeds: list[int]) -> list[str]:
+    """The variant names run_variants trains: each variant, then per seed every student and each variant."""
+    runs = list(variants)
+    for seed in seeds:
+        runs += [f"seed{seed}", *(f"{v}+seed{seed}" for v in variants)]
+    return runs
 
 
 VARIANT_STAGES = ("variant ", "evaluate variants")  # wall-time keys of --variants: outside the recipe's time
@@ -144,13 +161,14 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     for mode in base.student_modes:
         metrics = json.loads(storage.read_text(storage.join_uri(ev["outputs"][mode], "metrics.json")))["metrics"]
         rows[STUDENT_NAMES[mode]] = {**metrics, **ev["training"][mode]}
-    rows.update(run_variants(base, [*variants, *(f"seed{s}" for s in seeds)], wall, loads))
+    rows.update(run_variants(base, extra_runs(variants, seeds), wall, loads))
     soft = ([STUDENT_NAMES["soft"]] if "soft" in base.student_modes else []) + [
         label for v in variants for mode, _, label in variant_runs(v, base.student_modes) if mode == "soft"]
+    summary = seed_summary(rows, base.student_modes, variants, [base.saross.seed, *seeds]) if seeds else None
+    val = {k: summary["students"][k]["val_mean"] if summary else rows[k]["val_miou"] for k in soft}
     manifest = real.manifest
     return {"sensor": sensor, "rows": rows, "wall_s": wall, "load_5min": loads, "threshold_fit": fit,
-            "soft_choice": max(soft, key=lambda k: rows[k]["val_miou"]) if soft else None,
-            "seeds": seed_summary(rows, base.student_modes, [base.saross.seed, *seeds]) if seeds else None,
+            "soft_choice": max(soft, key=val.get) if soft else None, "seeds": summary,
             "counts": {s: e["count"] for s, e in manifest["splits"].items()},
             "b": (manifest.get("balance") or {}).get("b"),
             "fid": {base.evaluate_synthesis.features: synthesis["stages"]["evaluate-synthesis"]["fid"]}}
@@ -176,19 +194,19 @@ def run_variants(base, names: list[str], wall: dict, loads: dict) -> dict:
     return {trained[name][1]: {**result["metrics"], **training} for name, (result, training) in evaluated.items()}
 
 
-def seed_summary(rows: dict, modes: list[str], seeds: list[int]) -> dict:
-    """Each student's mIoU over `seeds` (the first: the preset's students, the rest: seed variants):
-    {"seeds", "students": {name: {"test", "val": [per seed], "test_mean", "test_std", "val_mean",
-    "val_std"}}, "minus_real_only": {name: {"test": [per seed], "mean", "std"}}}; fractions, std over seeds
-    (ddof 1)."""
+def seed_summary(rows: dict, modes: list[str], variants: list[str], seeds: list[int]) -> dict:
+    """Each student's mIoU over `seeds` (the first: the preset's students and `variants`, the rest:
+    their seed runs): {"seeds", "students": {name: {"test", "val": [per seed], "test_mean", "test_std",
+    "val_mean", "val_std"}}, "minus_real_only": {name: {"test": [per seed], "mean", "std"}}}; fractions,
+    std over seeds (ddof 1)."""
     from dakd.pipeline import STUDENT_NAMES
 
     def stats(values: list[float]) -> tuple[float, float]:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     students = {}
-    for mode in modes:
-        name = STUDENT_NAMES[mode]
+    names = [STUDENT_NAMES[m] for m in modes] + [label for v in variants for _, _, label in variant_runs(v, modes)]
+    for name in names:
         runs = [rows[name]] + [rows[SEED_LABEL.format(student=name, seed=s)] for s in seeds[1:]]
         test, val = [r["miou"] for r in runs], [r["val_miou"] for r in runs]
         (tm, ts), (vm, vs) = stats(test), stats(val)
@@ -243,7 +261,8 @@ def format_report(result: dict) -> str:
     lines.append(f"| paper: SAROSS-Net + DAKD (full data, original test split) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} "
                  f"| {p[3]:.2f} | - | - | - |")
     if result.get("soft_choice"):
-        lines += ["", f"DAKD soft recipe preferred on val: {result['soft_choice']}"]
+        over = " (mean over seeds)" if result.get("seeds") else ""
+        lines += ["", f"DAKD soft recipe preferred on val{over}: {result['soft_choice']}"]
     if result.get("seeds"):
         lines += format_seeds(result["seeds"])
     recipe = sum(v for k, v in result["wall_s"].items() if not k.startswith(VARIANT_STAGES))
@@ -265,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                     help="extra students, one recipe choice each, compared on val")
     ap.add_argument("--seeds", nargs="*", type=int, default=[], metavar="SEED",
-                    help="train every student again with each seed (saross.seed) and summarise over seeds")
+                    help="train every student (and each --variants student) again with each seed (saross.seed) "
+                         "and summarise over seeds")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check the recipe runs (seconds per stage)")
     ap.add_argument("--tracking", action="store_true", help="log to MLflow (a local store under --output)")
     args = ap.parse_args(argv)

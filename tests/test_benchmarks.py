@@ -49,22 +49,48 @@ def test_accuracy_seed_summary_pairs_each_student_with_real_only_by_seed():
     import statistics
 
     accuracy = load_accuracy()
-    test = {"real-only": [0.70, 0.78, 0.74], "DAKD": [0.73, 0.75, 0.77]}
+    kd_hard = accuracy.VARIANTS["soft-kd-hard"][1]
+    test = {"real-only": [0.70, 0.78, 0.74], "DAKD": [0.73, 0.75, 0.77], kd_hard: [0.71, 0.79, 0.72]}
     rows = {}
     for name, values in test.items():
         for seed, v in zip([3, 5, 8], values):
             label = name if seed == 3 else accuracy.SEED_LABEL.format(student=name, seed=seed)
             rows[label] = {"miou": v, "val_miou": v - 0.01}
-    summary = accuracy.seed_summary(rows, ["real-only", "soft"], [3, 5, 8])
+    summary = accuracy.seed_summary(rows, ["real-only", "soft"], ["soft-kd-hard"], [3, 5, 8])
+    assert summary["students"][kd_hard]["test"] == test[kd_hard]  # a --variants student over the seeds too
+    assert [round(d, 6) for d in summary["minus_real_only"][kd_hard]["test"]] == [0.01, 0.01, -0.02]
     dakd = summary["students"]["DAKD"]
     assert dakd["test"] == test["DAKD"] and dakd["val"] == [v - 0.01 for v in test["DAKD"]]
     assert abs(dakd["test_std"] - statistics.stdev(test["DAKD"])) < 1e-12
     diffs = summary["minus_real_only"]["DAKD"]["test"]
-    assert [round(d, 6) for d in diffs] == [0.03, -0.03, 0.03] and list(summary["minus_real_only"]) == ["DAKD"]
+    assert [round(d, 6) for d in diffs] == [0.03, -0.03, 0.03] and list(summary["minus_real_only"]) == ["DAKD", kd_hard]
     assert abs(summary["minus_real_only"]["DAKD"]["mean"] - 0.01) < 1e-12
     lines = "\n".join(accuracy.format_seeds(summary))
     assert "| DAKD | 73.00 / 75.00 / 77.00 | 75.00 ± 2.00 | 74.00 ± 2.00 |" in lines
     assert "DAKD minus real-only on test, paired by seed: +3.00, -3.00, +3.00 (mean +1.00 ± 3.46)" in lines
+
+
+def test_accuracy_seeds_repeat_each_variant_with_its_own_change():
+    """--variants soft-kd-hard --seeds 1 2: every student and the variant again per seed, each run
+    keeping the variant's change and taking the seed."""
+    from dakd.config import TrainSarossConfig
+    from dakd.pipeline import STUDENT_NAMES
+
+    accuracy = load_accuracy()
+    runs = accuracy.extra_runs(["soft-kd-hard", "ema"], [1, 2])
+    assert runs == ["soft-kd-hard", "ema", "seed1", "soft-kd-hard+seed1", "ema+seed1",
+                    "seed2", "soft-kd-hard+seed2", "ema+seed2"]
+    base = TrainSarossConfig()
+    trains, _, changes = accuracy.variant_spec("soft-kd-hard+seed2")
+    assert trains == ("soft",) and changes(base) == {"loss": {"soft_synthetic": "kd+hard"}, "seed": 2}
+    modes = ["real-only", "hard", "soft"]
+    assert accuracy.variant_runs("soft-kd-hard+seed2", modes) == [
+        ("soft", "soft-kd-hard-seed2", accuracy.VARIANTS["soft-kd-hard"][1] + ", seed 2")]
+    ema = accuracy.variant_runs("ema+seed1", modes)
+    assert [run for _, run, _ in ema] == ["real-only-ema-seed1", "hard-ema-seed1", "soft-ema-seed1"]
+    assert ema[0][2] == f"{STUDENT_NAMES['real-only']} + EMA of the weights (0.99), seed 1"
+    assert accuracy.variant_spec("ema+seed1")[2](base) == {"ema_decay": 0.99, "seed": 1}
+    assert accuracy.variant_runs("seed1", ["soft"]) == [("soft", "soft-seed1", f"{STUDENT_NAMES['soft']}, seed 1")]
 
 
 def test_accuracy_refuses_seeds_that_repeat_the_students_seed(tmp_path, capsys):
