@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -283,18 +284,39 @@ def test_real_only_then_resume_and_hard_mode(data, tmp_path):
     assert json.loads((tmp_path / "runs" / "hard" / "best.json").read_text())["selected_on_test"] is True
 
 
-def test_prefetch_epoch_memory_is_checked(data, tmp_path):
+def test_prefetch_epoch_memory_is_checked(data, tmp_path, ray_local):
     """prefetch_epoch holds a worker's epoch in memory: its size is the samples' arrays, and an
-    epoch over half the node's memory is refused naming the setting."""
+    epoch over half the memory Ray gives tasks on the smallest worker node is refused naming the
+    setting and the node."""
+    from dakd.runtime import smallest_worker_memory
+
+    total, node = smallest_worker_memory(use_gpu=False)
+    assert 2 ** 30 < total <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") and node == "127.0.0.1"  # bytes
     cfg = config(data, str(tmp_path), "loss.mode=soft", "crop_size=64", "num_workers=2", "prefetch_epoch=true")
     info = {"epoch_samples": 16}
     # 8 samples per worker, each a float32 image, uint8 mask and 5 float32 logit planes of 64x64
     assert epoch_bytes(cfg, info, 5) == 8 * 64 * 64 * (4 + 1 + 4 * 5)
     check_prefetch_memory(cfg, info, 5)
     huge = {"epoch_samples": 2 ** 40}
-    with pytest.raises(ConfigError, match="prefetch_epoch=true: a worker's epoch .* set prefetch_epoch=false"):
+    with pytest.raises(ConfigError, match="prefetch_epoch=true: a worker's epoch .* on node 127.0.0.1; set prefetch_epoch=false"):
         check_prefetch_memory(cfg, huge, 5)
     check_prefetch_memory(cfg.model_copy(update={"prefetch_epoch": False}), huge, 5)  # streaming: nothing held
+
+
+def test_the_smallest_node_that_can_run_a_worker_bounds_its_memory():
+    """On a cluster the driver's (head) node is not where workers run: GPU training looks at GPU
+    nodes only, CPU training at every node with a CPU; dead nodes count for nothing."""
+    from dakd.runtime import smallest_worker_memory
+
+    gib = 2 ** 30
+    nodes = [{"Alive": True, "NodeManagerAddress": "head", "Resources": {"CPU": 2.0, "memory": 4.0 * gib}},
+             {"Alive": True, "NodeManagerAddress": "gpu-a", "Resources": {"CPU": 16.0, "GPU": 1.0, "memory": 90.0 * gib}},
+             {"Alive": True, "NodeManagerAddress": "gpu-b", "Resources": {"CPU": 16.0, "GPU": 2.0, "memory": 120.0 * gib}},
+             {"Alive": False, "NodeManagerAddress": "gone", "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 1.0 * gib}}]
+    assert smallest_worker_memory(True, nodes) == (90 * gib, "gpu-a")
+    assert smallest_worker_memory(False, nodes) == (4 * gib, "head")
+    with pytest.raises(ConfigError, match="no alive Ray node with a GPU"):
+        smallest_worker_memory(True, nodes[:1])
 
 
 def test_scheduled_lr_constant_and_cosine():

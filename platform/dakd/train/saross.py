@@ -299,15 +299,18 @@ def epoch_bytes(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> in
 
 
 def check_prefetch_memory(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> None:
-    """ConfigError naming `prefetch_epoch` when one worker's epoch would take more than half this
-    node's memory."""
+    """ConfigError naming `prefetch_epoch` when one worker's epoch would take more than half the
+    memory Ray gives tasks on the smallest node that can run a worker (Ray must be up)."""
     if not cfg.prefetch_epoch:
         return
-    need, total = epoch_bytes(cfg, data_info, num_classes), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from dakd.runtime import smallest_worker_memory
+
+    need, (total, node) = epoch_bytes(cfg, data_info, num_classes), smallest_worker_memory(cfg.use_gpu)
     if need > total // 2:
         raise ConfigError(f"prefetch_epoch=true: a worker's epoch ({data_info['epoch_samples']} samples of "
                           f"{cfg.crop_size}x{cfg.crop_size} over {cfg.num_workers} worker(s)) takes {need / 2**30:.1f} GiB, "
-                          f"more than half this node's {total / 2**30:.1f} GiB; set prefetch_epoch=false (stream the feed)")
+                          f"more than half the {total / 2**30:.1f} GiB Ray gives tasks on node {node}; set "
+                          f"prefetch_epoch=false (stream the feed)")
 
 
 def selection_info(cfg: TrainSarossConfig) -> dict:
