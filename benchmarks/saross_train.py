@@ -17,7 +17,7 @@ the training process, so the ratio is what that feed costs the steps.
         [--synthetic URI] [--encoder NAME] [--crop N] [--batch N] [--threads N] [--epochs 3] [--steps 60]
 
 Ray Train runs twice: the feed streaming beside the steps (`prefetch_epoch: false`) and each
-epoch's batches read before its steps (`prefetch_epoch: true`; the preset streams). Ray Train's
+epoch's batches read before its steps (`prefetch_epoch: true`, as `sos-cpu` sets it). Ray Train's
 figure is the steady-state training samples/s it logs per epoch (the first epoch, which
 includes the feed's first read and decode, is dropped; validation is outside the timed part
 in both; with prefetch_epoch the epoch's read is inside it). Prints the rates, their ratios
