@@ -315,8 +315,7 @@ def test_the_smallest_node_that_can_run_a_worker_bounds_its_memory():
              {"Alive": False, "NodeManagerAddress": "gone", "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 1.0 * gib}}]
     assert smallest_worker_memory(True, nodes) == (90 * gib, "gpu-a")
     assert smallest_worker_memory(False, nodes) == (4 * gib, "head")
-    with pytest.raises(ConfigError, match="no alive Ray node with a GPU"):
-        smallest_worker_memory(True, nodes[:1])
+    assert smallest_worker_memory(True, nodes[:1]) is None  # no GPU node up yet (autoscaling): nothing to check
 
 
 def test_scheduled_lr_constant_and_cosine():

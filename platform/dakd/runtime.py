@@ -12,7 +12,7 @@ import socket
 import time
 
 from dakd.config import RayConfig
-from dakd.errors import ConfigError, RunBusyError
+from dakd.errors import RunBusyError
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +241,15 @@ def run_lock(cfg: RayConfig, key: str, job: str):
         ray.kill(handle, no_restart=True)
 
 
-def smallest_worker_memory(use_gpu: bool, nodes: list[dict] | None = None) -> tuple[int, str]:
+def smallest_worker_memory(use_gpu: bool, nodes: list[dict] | None = None) -> tuple[int, str] | None:
     """(bytes, node address): Ray's `memory` resource of the alive node with the least of it among
     those that can run a training worker (a GPU when `use_gpu`, else a CPU); `nodes`: ray.nodes().
-    On a cluster the driver's node (often a small head) says nothing about the workers'."""
+    None while no such node is up (an autoscaling cluster starts them on demand). On a cluster the
+    driver's node (often a small head) says nothing about the workers'."""
     import ray
 
     key = "GPU" if use_gpu else "CPU"
     fits = [(int(n["Resources"].get("memory", 0)), n["NodeManagerAddress"])
             for n in (ray.nodes() if nodes is None else nodes)
             if n.get("Alive") and n["Resources"].get(key, 0) > 0 and n["Resources"].get("memory", 0) > 0]
-    if not fits:
-        raise ConfigError(f"no alive Ray node with a {key} and memory can run a training worker")
-    return min(fits)
+    return min(fits) if fits else None
