@@ -24,7 +24,8 @@ from dakd.eval.metrics import confusion_matrix, segmentation_metrics
 from dakd.inference import segment
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_student
-from dakd.train.saross import check_prefetch_memory, epoch_bytes, run_train_saross, scheduled_lr
+from dakd.train.saross import run_train_saross, scheduled_lr
+from dakd.train.saross_feed import check_prefetch_memory, epoch_bytes
 from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
 
 TILE = 32

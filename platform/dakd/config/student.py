@@ -99,7 +99,7 @@ class TrainSarossConfig(DataParallel):
                            "do not compete with the training threads for the cores (2-core CPU, DAKD soft: 0.83-0.87 of "
                            "a bare loop against 0.65-0.66 streaming, benchmarks/saross_train.py); on a GPU node keep it "
                            "off, so the feed overlaps the GPU's work. Memory: one epoch of batches per worker "
-                           "(train.saross.epoch_bytes), refused above half the memory Ray gives tasks on the smallest node that can run a worker")
+                           "(train.saross_feed.epoch_bytes), refused above half the memory Ray gives tasks on the smallest node that can run a worker")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(20, ge=1)

@@ -290,33 +290,6 @@ def check_val_split(real, cfg: TrainSarossConfig) -> int:
     return count
 
 
-def epoch_bytes(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> int:
-    """Bytes one worker holds with `prefetch_epoch`: its share of the epoch's samples, each a
-    crop_size^2 float32 image and uint8 mask, plus float32 teacher logits (C per pixel) when
-    synthetic data is used (the per-sample flag's byte left out)."""
-    per_pixel = 4 + 1 + (4 * num_classes if cfg.loss.mode != "real-only" else 0)
-    return data_info["epoch_samples"] // cfg.num_workers * cfg.crop_size ** 2 * per_pixel
-
-
-def check_prefetch_memory(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> None:
-    """ConfigError naming `prefetch_epoch` when one worker's epoch would take more than half the
-    memory Ray gives tasks on the smallest node that can run a worker (Ray must be up)."""
-    if not cfg.prefetch_epoch:
-        return
-    from dakd.runtime import smallest_worker_memory
-
-    smallest = smallest_worker_memory(cfg.use_gpu)
-    if smallest is None:  # no worker node up yet (autoscaling): Ray Train waits for one
-        log.warning("train-saross: no node that can run a worker is up yet; prefetch_epoch's memory is not checked")
-        return
-    need, (total, node) = epoch_bytes(cfg, data_info, num_classes), smallest
-    if need > total // 2:
-        raise ConfigError(f"prefetch_epoch=true: a worker's epoch ({data_info['epoch_samples']} samples of "
-                          f"{cfg.crop_size}x{cfg.crop_size} over {cfg.num_workers} worker(s)) takes {need / 2**30:.1f} GiB, "
-                          f"more than half the {total / 2**30:.1f} GiB Ray gives tasks on node {node}; set "
-                          f"prefetch_epoch=false (stream the feed)")
-
-
 def selection_info(cfg: TrainSarossConfig) -> dict:
     """How the best checkpoint is chosen (goes into best.json, the summary and MLflow)."""
     return {"selected_on": cfg.val_split, "selected_on_test": cfg.val_split == TEST_SPLIT}
@@ -327,7 +300,7 @@ def run_train_saross(cfg: TrainSarossConfig, callbacks: list | None = None) -> d
     `callbacks`: Ray Train callbacks for the run (e.g. Tune's TuneReportCallback when run in a sweep trial)."""
     from dakd import tracking
     from dakd.runtime import init_ray, run_lock
-    from dakd.train.saross_feed import training_dataset
+    from dakd.train.saross_feed import check_prefetch_memory, training_dataset
 
     real = open_shard_set(cfg.shards)
     classes = real.classes

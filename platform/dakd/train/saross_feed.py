@@ -17,6 +17,8 @@ Every mode sees R + S samples per epoch (compute-matched students): `real-only` 
 the S slots with more random crops of real images (whole shard blocks in a random
 order, re-drawn every epoch). With share 1 an epoch holds S = R synthetic samples and no
 real one.
+With `prefetch_epoch` a worker holds its epoch of batches: `epoch_bytes` sizes it and
+`check_prefetch_memory` refuses a run whose epoch would not fit the smallest worker node.
 
 Row layout (numpy): `image` float32 (1, s, s) in [-1, 1] (data.transforms), `mask` uint8
 (s, s) (real: ground truth; synthetic: argmax of the logits), and, when synthetic data is
@@ -25,7 +27,9 @@ used, `logits` float16 (C, s, s) (zeros on real rows) and `synthetic` bool.
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,6 +40,11 @@ from dakd.data.shards import SOFT_COLUMNS, SYNTHETIC_SPLIT, ShardSet, decode_log
 from dakd.data.transforms import normalize_image
 from dakd.errors import ConfigError, DataError
 from dakd.seeds import feed_rng
+
+if TYPE_CHECKING:
+    from dakd.config import TrainSarossConfig
+
+log = logging.getLogger(__name__)
 
 
 def _read_columns(uri: str, columns: list[str]):
@@ -206,3 +215,30 @@ def training_dataset(real: ShardSet, split: str, crop_size: int, *, synthetic: s
     # Mixing the union: the workers' split hands out whole blocks, so without it one worker
     # could get only real blocks and another only synthetic ones.
     return shuffle_window(real_ds.union(syn_ds), seed), info
+
+
+def epoch_bytes(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> int:
+    """Bytes one worker holds with `prefetch_epoch`: its share of the epoch's samples, each a
+    crop_size^2 float32 image and uint8 mask, plus float32 teacher logits (C per pixel) when
+    synthetic data is used (the per-sample flag's byte left out)."""
+    per_pixel = 4 + 1 + (4 * num_classes if cfg.loss.mode != "real-only" else 0)
+    return data_info["epoch_samples"] // cfg.num_workers * cfg.crop_size ** 2 * per_pixel
+
+
+def check_prefetch_memory(cfg: TrainSarossConfig, data_info: dict, num_classes: int) -> None:
+    """ConfigError naming `prefetch_epoch` when one worker's epoch would take more than half the
+    memory Ray gives tasks on the smallest node that can run a worker (Ray must be up)."""
+    if not cfg.prefetch_epoch:
+        return
+    from dakd.runtime import smallest_worker_memory
+
+    smallest = smallest_worker_memory(cfg.use_gpu)
+    if smallest is None:  # no worker node up yet (autoscaling): Ray Train waits for one
+        log.warning("train-saross: no node that can run a worker is up yet; prefetch_epoch's memory is not checked")
+        return
+    need, (total, node) = epoch_bytes(cfg, data_info, num_classes), smallest
+    if need > total // 2:
+        raise ConfigError(f"prefetch_epoch=true: a worker's epoch ({data_info['epoch_samples']} samples of "
+                          f"{cfg.crop_size}x{cfg.crop_size} over {cfg.num_workers} worker(s)) takes {need / 2**30:.1f} GiB, "
+                          f"more than half the {total / 2**30:.1f} GiB Ray gives tasks on node {node}; set "
+                          f"prefetch_epoch=false (stream the feed)")
