@@ -236,7 +236,8 @@ def check_prefetch_memory(cfg: TrainSarossConfig, data_info: dict, num_classes: 
     if smallest is None:  # no worker node up yet (autoscaling): Ray Train waits for one
         log.warning("train-saross: no node that can run a worker is up yet; prefetch_epoch's memory is not checked")
         return
-    need, (total, node) = epoch_bytes(cfg, data_info, num_classes), smallest
+    total, node = smallest
+    need = epoch_bytes(cfg, data_info, num_classes)
     if need > total // 2:
         raise ConfigError(f"prefetch_epoch=true: a worker's epoch ({data_info['epoch_samples']} samples of "
                           f"{cfg.crop_size}x{cfg.crop_size} over {cfg.num_workers} worker(s)) takes {need / 2**30:.1f} GiB, "
