@@ -16,8 +16,9 @@ threshold chosen on val). The test folder selects nothing.
 `--variants` adds students that differ in one recipe choice (DAKD soft's two readings and
 synthetic share; `ema`: every student again on an EMA of its weights; `synthetic-only`: a
 student trained on the synthetic set alone, "train on synthetic, test on real"), on the same
-teacher, synthetic set and optimiser steps; each row shows its mIoU on val beside its test figures,
-and the report names the soft recipe val prefers. Only val chooses.
+teacher, synthetic set and optimiser steps, whatever `student_modes` holds (`ema` repeats the
+students it holds); each row shows its mIoU on val beside its test figures, and the report names
+the soft recipe val prefers. Only val chooses.
 
 `--seeds 1 2` trains every student (the `--variants` ones too) again with each seed (`saross.seed`:
 weight init, crops and sample order) on the same teacher, synthetic set and steps, and adds a
@@ -47,8 +48,12 @@ DEFAULT_ROOT = os.path.join(os.path.dirname(REPO), "shared", "data", "sos-dev")
 # PAPER.md, SAROSS-Net + DAKD (mIoU, F1, precision, recall), on the original SOS test split
 PAPER = {"palsar": (86.30, 92.23, 92.18, 92.28), "sentinel": (87.25, 93.05, 92.88, 93.24)}
 
-# Recipe choices, made on val: name -> (the student modes it trains again, row label, TrainSarossConfig
-# changes given the preset's saross config). Each keeps the optimiser steps of the preset's students.
+# "each student of student_modes": a variant that repeats the pipeline's students (`ema`, the seed runs)
+EACH = "each"
+
+# Recipe choices, made on val: name -> (the student mode it trains, whatever `student_modes` holds, or EACH;
+# row label; TrainSarossConfig changes given the preset's saross config). Each keeps the optimiser steps of
+# the preset's students.
 VARIANTS = {
     "soft-kd-hard": (("soft",), "DAKD (soft: KD + CE/Dice on the teacher's argmax)",
                      lambda s: {"loss": {"soft_synthetic": "kd+hard"}}),
@@ -61,7 +66,7 @@ VARIANTS = {
     "synthetic-only": (("hard",), "synthetic only (teacher's argmax; no real sample)",
                        lambda s: {"synthetic_share": 1.0, "epochs": round(s.epochs / (1 - s.synthetic_share))}),
     # every student again, validated, selected and evaluated on an EMA of its weights
-    "ema": (("real-only", "hard", "soft"), "{student} + EMA of the weights (0.99)", lambda s: {"ema_decay": 0.99}),
+    "ema": (EACH, "{student} + EMA of the weights (0.99)", lambda s: {"ema_decay": 0.99}),
 }
 
 
@@ -77,20 +82,21 @@ def variant_spec(name: str) -> tuple:
     if not seed:
         return VARIANTS[variant]
     n = int(seed.removeprefix("seed"))
-    trains, label, changes = VARIANTS[variant] if variant else (("real-only", "hard", "soft"), "{student}",
-                                                                lambda s: {})
+    trains, label, changes = VARIANTS[variant] if variant else (EACH, "{student}", lambda s: {})
     return trains, SEED_LABEL.replace("{student}", label).replace("{seed}", str(n)), \
         lambda s: {**changes(s), "seed": n}
 
 
 def variant_runs(name: str, modes: list[str]) -> list[tuple[str, str, str]]:
-    """(student mode, run name, row label) of a variant for the pipeline's student modes."""
+    """(student mode, run name, row label) of a variant for the pipeline's student modes: its own
+    student(s), or one run per mode of `modes` for an EACH variant."""
     from dakd.pipeline import STUDENT_NAMES
 
     trains, label, _ = variant_spec(name)
-    runs = [m for m in trains if m in modes]
     run = name.replace("+", "-")
-    return [(m, run if len(trains) == 1 else f"{m}-{run}", label.format(student=STUDENT_NAMES[m])) for m in runs]
+    if trains == EACH:
+        return [(m, f"{m}-{run}", label.format(student=STUDENT_NAMES[m])) for m in modes]
+    return [(m, run, label.format(student=STUDENT_NAMES[m])) for m in trains]
 
 
 def extra_runs(variants: list[str], seeds: list[int]) -> list[str]:

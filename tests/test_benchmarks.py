@@ -72,7 +72,8 @@ def test_accuracy_seed_summary_pairs_each_student_with_real_only_by_seed():
 
 def test_accuracy_seeds_repeat_each_variant_with_its_own_change():
     """--variants soft-kd-hard --seeds 1 2: every student and the variant again per seed, each run
-    keeping the variant's change and taking the seed."""
+    keeping the variant's change and taking the seed. A variant's own student is trained whatever
+    student_modes holds (--variants synthetic-only with student_modes=[soft] once trained nothing)."""
     from dakd.config import TrainSarossConfig
     from dakd.pipeline import STUDENT_NAMES
 
@@ -91,6 +92,12 @@ def test_accuracy_seeds_repeat_each_variant_with_its_own_change():
     assert ema[0][2] == f"{STUDENT_NAMES['real-only']} + EMA of the weights (0.99), seed 1"
     assert accuracy.variant_spec("ema+seed1")[2](base) == {"ema_decay": 0.99, "seed": 1}
     assert accuracy.variant_runs("seed1", ["soft"]) == [("soft", "soft-seed1", f"{STUDENT_NAMES['soft']}, seed 1")]
+    # a one-student variant trains its student whatever student_modes holds; `ema` repeats the ones it holds
+    assert accuracy.variant_runs("synthetic-only", ["soft"]) == [
+        ("hard", "synthetic-only", accuracy.VARIANTS["synthetic-only"][1])]
+    assert accuracy.variant_runs("soft-share25+seed1", ["real-only"]) == [
+        ("soft", "soft-share25-seed1", accuracy.VARIANTS["soft-share25"][1] + ", seed 1")]
+    assert [run for _, run, _ in accuracy.variant_runs("ema", ["soft"])] == ["soft-ema"]
 
 
 def test_accuracy_refuses_seeds_that_repeat_the_students_seed(tmp_path, capsys):
