@@ -25,8 +25,8 @@ from dakd.inference import segment
 from dakd import checkpoints as ckpt_io
 from dakd.checkpoints import load_student
 from dakd.train.saross import run_train_saross, scheduled_lr
-from dakd.train.saross_feed import check_prefetch_memory, epoch_bytes
-from dakd.train.saross_feed import check_synthetic, synthetic_count, training_dataset
+from dakd.train.saross_feed import (check_prefetch_memory, check_synthetic, epoch_bytes, synthetic_count,
+                                   training_dataset)
 
 TILE = 32
 TINY = ["model.encoder=mobilenetv3_small_050", "model.decoder_channels=[8, 8, 8]", "model.caft_heads=2", "crop_size=32",
