@@ -296,6 +296,37 @@ def test_tiled_segmentation_matches_whole(tiny_student):
     assert tiled.shape == whole.shape and (tiled == whole).mean() > 0.5  # same model, tiles see less context
 
 
+def test_segment_many_equals_one_image_per_forward(tiny_student, monkeypatch):
+    """Batches of same-size images (cut at a size change and at batch_size), and images over
+    TILE on a side (tiled alone), give each image's own class map, in order; a real student's
+    logits in a batch are its logits one image at a time."""
+    import torch
+
+    from dakd import inference
+    from dakd.checkpoints import load_student
+
+    rng = np.random.default_rng(2)
+    sizes = [(64, 64), (64, 64), (64, 64), (96, 160), (64, 64), (64, 96), (64, 96)]
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in sizes]
+    student, _ = load_student(tiny_student)
+    stacked = inference.batch_logits(student, np.stack(images[:3]))
+    for k in range(3):
+        assert torch.allclose(stacked[k], inference.segment_logits(student, images[k]), atol=1e-4)
+    # a stand-in whose class map is each image's own (logits x, -x: class 1 where darker than mid-grey)
+    sign = torch.nn.Conv2d(1, 2, kernel_size=1, bias=False)
+    with torch.no_grad():
+        sign.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+    single = [inference.segment(sign, im) for im in images]
+    assert all((s == (im < 128)).all() for s, im in zip(single, images))
+    monkeypatch.setattr(inference, "TILE", 128)  # the 96x160 image now goes through segment on its own
+    for batch_size in (1, 2, 8):
+        many = inference.segment_many(sign, images, batch_size=batch_size)
+        assert len(many) == len(images) and all(m.dtype == np.uint8 for m in many)
+        assert all(np.array_equal(m, s) for m, s in zip(many, single))
+    with pytest.raises(ValueError, match="batch_size"):
+        inference.segment_many(sign, images, batch_size=0)
+
+
 @pytest.mark.slow
 def test_large_scene_predicted_within_bounded_memory(tmp_path):
     """A 6000x6000 scene is predicted (decode, tiled segmentation, mask PNG) within 2 GB of

@@ -104,6 +104,8 @@ class TrainSarossConfig(DataParallel):
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(20, ge=1)
     overlay_count: int = Field(4, ge=0, description="validation images drawn as overlays each epoch")
+    val_batch_size: int = Field(8, ge=1, description="validation images of one size per forward (inference.segment_many; "
+                                                     "benchmarks/validation.py)")
     register_name: str | None = Field(None, description="MLflow registered-model name for the best checkpoint")
     seed: int = 0
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -135,7 +137,8 @@ class EvaluateConfig(ActorPool):
     create_bucket: bool = Field(False, description="create the output's S3 bucket when it does not exist (never implicit)")
     name: str | None = Field(None, description="row name in the table (default: the checkpoint's run name)")
     overlay_count: int = Field(4, ge=0)
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="images per actor call; those of one size go through the network "
+                                                 "together (inference.segment_many; benchmarks/validation.py)")
     actors: int = Field(1, ge=1)
     compile: bool = Field(False, description="wrap the network in torch.compile (GPU; slow start-up)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -21,7 +21,7 @@ swap: its figures go beside the old ones, metrics.json (one atomic write) then n
 and only then are the files the old metrics.json lists removed, so a failed or killed
 re-run leaves the old evaluation whole.
 
-Segmentation (`dakd.inference.segment`), overlays and the confusion-matrix figure
+Segmentation (`dakd.inference.segment_many`: each actor batch's images of one size in one forward), overlays and the confusion-matrix figure
 (`dakd.eval.figures`) and model loading (`dakd.checkpoints.load_model`) live in their own modules.
 """
 
@@ -45,7 +45,7 @@ from dakd.data.shards import (PAIR_COLUMNS, decode_plane, discard_generation, ne
 from dakd.errors import ConfigError, DakdError, DataError
 from dakd.eval.figures import confusion_png, overlay_panel, png_bytes
 from dakd.eval.metrics import confusion_matrix, format_per_class_table, format_table, segmentation_metrics
-from dakd.inference import segment, setup_actor
+from dakd.inference import segment_many, setup_actor
 from dakd.progress import driver_line
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class EvaluateActor:
         decoded = [(str(sid), decode_plane(img, h, w), decode_plane(msk, h, w)) for sid, h, w, img, msk in rows]
         for k, model in enumerate(self.models):
             cms, overlays = [], []
-            for sid, image, mask in decoded:
-                pred = segment(model, image, self.device)
+            preds = segment_many(model, [image for _, image, _ in decoded], self.device, batch_size=len(decoded))
+            for (sid, image, mask), pred in zip(decoded, preds):
                 cms.append(confusion_matrix(pred, mask, self.c).astype(np.int64).tobytes())
                 overlays.append(png_bytes(overlay_panel(image, pred, self.classes, mask)) if sid in self.overlay_ids else b"")
             out[f"cm{k}"], out[f"overlay{k}"] = np.array(cms, dtype=object), np.array(overlays, dtype=object)

@@ -170,15 +170,15 @@ class SarossRunner(TrainLoopRunner):
         import torch.distributed as dist
 
         from dakd.eval.figures import overlay_panel
-        from dakd.inference import segment
+        from dakd.inference import segment_many
         from dakd.eval.metrics import confusion_matrix, segmentation_metrics
 
         c = self.classes.num_classes
         model = self.validation_model()
         cm = torch.zeros((c, c), dtype=torch.int64)
         overlays = []
-        for rec in val:
-            pred = segment(model, rec["image"], self.device)
+        preds = segment_many(model, [rec["image"] for rec in val], self.device, self.cfg.val_batch_size)
+        for rec, pred in zip(val, preds):
             cm += confusion_matrix(torch.from_numpy(pred), torch.tensor(rec["mask"]), c)
             if self.rank == 0 and len(overlays) < self.cfg.overlay_count:
                 overlays.append(overlay_panel(rec["image"], pred, self.classes, rec["mask"]))
