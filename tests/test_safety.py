@@ -297,16 +297,16 @@ def test_tiled_segmentation_matches_whole(tiny_student):
 
 
 def test_segment_many_equals_one_image_per_forward(tiny_student, monkeypatch):
-    """Batches of same-size images (cut at a size change and at batch_size), and images over
-    TILE on a side (tiled alone), give each image's own class map, in order; a real student's
-    logits in a batch are its logits one image at a time."""
+    """Batches of same-size images (cut at a size change, at batch_size and at TILE x TILE
+    pixels), and images over TILE on a side (tiled alone), give each image's own class map, in
+    order; a real student's logits in a batch are its logits one image at a time."""
     import torch
 
     from dakd import inference
     from dakd.checkpoints import load_student
 
     rng = np.random.default_rng(2)
-    sizes = [(64, 64), (64, 64), (64, 64), (96, 160), (64, 64), (64, 96), (64, 96)]
+    sizes = [(64, 64)] * 5 + [(96, 160), (64, 64), (64, 96), (64, 96)]
     images = [rng.integers(0, 256, s, dtype=np.uint8) for s in sizes]
     student, _ = load_student(tiny_student)
     stacked = inference.batch_logits(student, np.stack(images[:3]))
@@ -318,11 +318,21 @@ def test_segment_many_equals_one_image_per_forward(tiny_student, monkeypatch):
         sign.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
     single = [inference.segment(sign, im) for im in images]
     assert all((s == (im < 128)).all() for s, im in zip(single, images))
-    monkeypatch.setattr(inference, "TILE", 128)  # the 96x160 image now goes through segment on its own
+    monkeypatch.setattr(inference, "TILE", 128)  # the 96x160 image now goes through segment on its own,
+    sizes_seen = []  # and a batch holds at most four 64x64 images (128 x 128 pixels)
+    real_batch_logits = inference.batch_logits
+
+    def counted_batch_logits(model, batch, device="cpu"):
+        sizes_seen.append(len(batch))
+        return real_batch_logits(model, batch, device)
+
+    monkeypatch.setattr(inference, "batch_logits", counted_batch_logits)
     for batch_size in (1, 2, 8):
         many = inference.segment_many(sign, images, batch_size=batch_size)
         assert len(many) == len(images) and all(m.dtype == np.uint8 for m in many)
         assert all(np.array_equal(m, s) for m, s in zip(many, single))
+        assert max(sizes_seen) == min(batch_size, 4) and sum(sizes_seen) == len(images)  # 96x160: one forward
+        sizes_seen.clear()
     with pytest.raises(ValueError, match="batch_size"):
         inference.segment_many(sign, images, batch_size=0)
 

@@ -161,10 +161,11 @@ def segment(model: torch.nn.Module, image: np.ndarray, device: torch.device | st
 def segment_many(model: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
                  batch_size: int = 8) -> list[np.ndarray]:
     """(H, W) uint8 grey images -> their (H, W) uint8 class maps, in order. Consecutive images
-    of one size, at most TILE on a side, go through the network up to `batch_size` at a time
-    (batches of 8 at 256 px: 0.75 of the time of one image per forward on a 2-core Xeon,
-    benchmarks/validation.py); larger ones tile by tile (`segment`). The same maps as `segment` image by image (eval-mode layers
-    act per image), up to floating-point rounding."""
+    of one size, at most TILE on a side, go through the network up to `batch_size` at a time and
+    at most TILE x TILE pixels per batch, so a batch needs no more memory than one tile (batches
+    of 8 at 256 px: 0.75 of the time of one image per forward on a 2-core Xeon,
+    benchmarks/validation.py); larger images go tile by tile (`segment`). The same maps as
+    `segment` image by image (eval-mode layers act per image), up to floating-point rounding."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     out: list[np.ndarray] = []
@@ -180,7 +181,8 @@ def segment_many(model: torch.nn.Module, images: Sequence[np.ndarray], device: t
             flush()
             out.append(segment(model, image, device))
             continue
-        if run and (image.shape != run[0].shape or len(run) == batch_size):
+        full = len(run) == batch_size or (len(run) + 1) * image.size > TILE * TILE
+        if run and (image.shape != run[0].shape or full):
             flush()
         run.append(image)
     flush()

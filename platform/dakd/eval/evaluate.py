@@ -21,8 +21,8 @@ swap: its figures go beside the old ones, metrics.json (one atomic write) then n
 and only then are the files the old metrics.json lists removed, so a failed or killed
 re-run leaves the old evaluation whole.
 
-Segmentation (`dakd.inference.segment_many`: each actor batch's images of one size in one forward), overlays and the confusion-matrix figure
-(`dakd.eval.figures`) and model loading (`dakd.checkpoints.load_model`) live in their own modules.
+Segmentation (`dakd.inference.segment_many`: an actor batch's images of one size in one
+forward), overlays and the confusion-matrix figure (`dakd.eval.figures`) and model loading (`dakd.checkpoints.load_model`) live in their own modules.
 """
 
 from __future__ import annotations
