@@ -22,7 +22,8 @@ and only then are the files the old metrics.json lists removed, so a failed or k
 re-run leaves the old evaluation whole.
 
 Segmentation (`dakd.inference.segment_many`: an actor batch's images of one size in one
-forward), overlays and the confusion-matrix figure (`dakd.eval.figures`) and model loading (`dakd.checkpoints.load_model`) live in their own modules.
+forward), overlays and the confusion-matrix figure (`dakd.eval.figures`) and model loading
+(`dakd.checkpoints.load_model`) live in their own modules.
 """
 
 from __future__ import annotations
