@@ -10,7 +10,7 @@ threshold chosen on val). The test folder selects nothing.
 
     .venv/bin/python benchmarks/accuracy.py [--root ../shared/data/sos-dev] [--sensors palsar sentinel]
         [--output runs/accuracy] [--set saross.epochs=12 ...]
-        [--variants soft-kd-hard soft-share25 ema synthetic-only]
+        [--variants soft-kd-hard soft-share50 ema synthetic-only]
         [--seeds 1 2] [--smoke]
 
 `--variants` adds students that differ in one recipe choice (DAKD soft's two readings and
@@ -51,16 +51,21 @@ PAPER = {"palsar": (86.30, 92.23, 92.18, 92.28), "sentinel": (87.25, 93.05, 92.8
 # "each student of student_modes": a variant that repeats the pipeline's students (`ema`, the seed runs)
 EACH = "each"
 
+def share_changes(saross, share: float) -> dict:
+    """The TrainSarossConfig changes for a synthetic share of `share` at the optimiser steps of `saross`:
+    an epoch is R / (1 - share) samples, so the epochs scale by (1 - share) / (1 - saross.synthetic_share)."""
+    return {"synthetic_share": share, "epochs": max(1, round(saross.epochs * (1 - share) / (1 - saross.synthetic_share)))}
+
+
 # Recipe choices, made on val: name -> (the student mode it trains, whatever `student_modes` holds, or EACH;
 # row label; TrainSarossConfig changes given the preset's saross config). Each keeps the optimiser steps of
 # the preset's students.
 VARIANTS = {
     "soft-kd-hard": (("soft",), "DAKD (soft: KD + CE/Dice on the teacher's argmax)",
                      lambda s: {"loss": {"soft_synthetic": "kd+hard"}}),
-    # a quarter synthetic: R / 0.75 samples per epoch, so 1.5x the epochs for the same steps
-    "soft-share25": (("soft",), "DAKD (soft, 25% synthetic)",
-                     lambda s: {"synthetic_share": 0.25,
-                                "epochs": max(1, round(s.epochs * 0.75 / (1 - s.synthetic_share)))}),
+    # another synthetic share: R / (1 - share) samples per epoch, the epochs scaled for the same steps
+    "soft-share25": (("soft",), "DAKD (soft, 25% synthetic)", lambda s: share_changes(s, 0.25)),
+    "soft-share50": (("soft",), "DAKD (soft, 50% synthetic)", lambda s: share_changes(s, 0.5)),
     # train on synthetic, test on real: R synthetic mosaics per epoch (the teacher's argmax as labels) and no
     # real crop, 1 / (1 - share) times the epochs for the same steps; what the synthetic set teaches on its own
     "synthetic-only": (("hard",), "synthetic only (teacher's argmax; no real sample)",
@@ -68,6 +73,12 @@ VARIANTS = {
     # every student again, validated, selected and evaluated on an EMA of its weights
     "ema": (EACH, "{student} + EMA of the weights (0.99)", lambda s: {"ema_decay": 0.99}),
 }
+
+
+def repeats_preset(saross, changes: dict) -> bool:
+    """Whether a variant's `changes` leave the config `saross` as it is (the variant would repeat its students)."""
+    return all(repeats_preset(getattr(saross, key), value) if isinstance(value, dict) else getattr(saross, key) == value
+               for key, value in changes.items())
 
 
 SEED_LABEL = "{student}, seed {seed}"
@@ -137,6 +148,10 @@ def run_sensor(root: str, sensor: str, output: str, preset: str, overrides: list
     if len(set(seeds)) != len(seeds) or base.saross.seed in seeds or min(seeds, default=0) < 0:
         raise SystemExit(f"accuracy: --seeds {' '.join(map(str, seeds))}: expected distinct seeds >= 0 other than "
                          f"the students' own saross.seed={base.saross.seed}")
+    repeats = [v for v in variants if repeats_preset(base.saross, VARIANTS[v][2](base.saross))]
+    if repeats:
+        raise SystemExit(f"accuracy: --variants {' '.join(repeats)}: the preset's students already train that way "
+                         f"(saross: {VARIANTS[repeats[0]][2](base.saross)}); expected a variant that changes the recipe")
     wall: dict[str, float] = {}
     loads: dict[str, float] = {}  # 5-min load average at the end of each stage: the wall times' context
 

@@ -95,8 +95,8 @@ def test_accuracy_seeds_repeat_each_variant_with_its_own_change():
     # a one-student variant trains its student whatever student_modes holds; `ema` repeats the ones it holds
     assert accuracy.variant_runs("synthetic-only", ["soft"]) == [
         ("hard", "synthetic-only", accuracy.VARIANTS["synthetic-only"][1])]
-    assert accuracy.variant_runs("soft-share25+seed1", ["real-only"]) == [
-        ("soft", "soft-share25-seed1", accuracy.VARIANTS["soft-share25"][1] + ", seed 1")]
+    assert accuracy.variant_runs("soft-share50+seed1", ["real-only"]) == [
+        ("soft", "soft-share50-seed1", accuracy.VARIANTS["soft-share50"][1] + ", seed 1")]
     assert [run for _, run, _ in accuracy.variant_runs("ema", ["soft"])] == ["soft-ema"]
 
 
@@ -109,6 +109,23 @@ def test_accuracy_refuses_seeds_that_repeat_the_students_seed(tmp_path, capsys):
             accuracy.main(["--root", str(tmp_path / "root"), "--sensors", "palsar", "--output", str(tmp_path / "out"),
                            "--seeds", *seeds])
     assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_refuses_a_variant_that_repeats_the_preset(tmp_path):
+    """soft-share25 on sos-cpu (a quarter synthetic already) would train the soft student again under
+    another name: refused, nothing written; soft-share50 on it changes share and epochs."""
+    from dakd.config import PipelineConfig, load_config
+
+    accuracy = load_accuracy()
+    (tmp_path / "root").mkdir()
+    with pytest.raises(SystemExit, match=r"--variants soft-share25: the preset's students already train that way"):
+        accuracy.main(["--root", str(tmp_path / "root"), "--sensors", "palsar", "--output", str(tmp_path / "out"),
+                       "--variants", "soft-share25", "ema"])
+    assert not (tmp_path / "out").exists()
+    saross = load_config(PipelineConfig, None, ["source.root=/data/sos"], preset=("sos-cpu", "pipeline")).saross
+    assert accuracy.VARIANTS["soft-share50"][2](saross) == {"synthetic_share": 0.5, "epochs": 8}
+    assert not accuracy.repeats_preset(saross, accuracy.VARIANTS["soft-kd-hard"][2](saross))
+    assert accuracy.repeats_preset(saross, {"loss": {"soft_synthetic": saross.loss.soft_synthetic}})
 
 
 def test_accuracy_variants_keep_the_presets_steps():
@@ -127,10 +144,13 @@ def test_accuracy_variants_keep_the_presets_steps():
         return epoch // cfg.global_batch_size * cfg.epochs
 
     for name in accuracy.VARIANTS:
+        if accuracy.repeats_preset(base.saross, accuracy.VARIANTS[name][2](base.saross)):
+            continue  # refused by the benchmark (above)
         for mode, run, _ in accuracy.variant_runs(name, base.student_modes):
             cfg = student_config(base, "runs/real", mode, base.tracking, run, **accuracy.variant_spec(name)[2](base.saross))
             assert cfg.loss.mode == mode and cfg.run_name == run
             for r in (428, 432):  # the sos-dev train counts after val is carved out
                 assert abs(steps(cfg, r) - steps(base.saross, r)) <= cfg.epochs, (name, mode, r)
     only = student_config(base, "runs/real", "hard", base.tracking, **accuracy.variant_spec("synthetic-only")[2](base.saross))
-    assert only.synthetic_share == 1.0 and only.epochs == 2 * base.saross.epochs
+    # R samples per epoch against the preset's R / (1 - share): 1 / (1 - share) times the epochs
+    assert only.synthetic_share == 1.0 and only.epochs == round(base.saross.epochs / (1 - base.saross.synthetic_share))
