@@ -7,9 +7,9 @@ memory once, a random crop + flips per sample inline, the same model, autocast, 
 (real-only: CE + Dice), AdamW and gradient clipping.
 
 With `--synthetic URI` (a set from `dakd synthesize`, e.g. an accuracy run's
-`<sensor>/synthetic`) both sides train the DAKD soft student instead: half of each batch
-synthetic 2x2 mosaics of the set's tiles (the preset's synthetic share), KD on those, CE +
-Dice on the real half. The bare loop decodes the tiles into memory once and makes each
+`<sensor>/synthetic`) both sides train the DAKD soft student instead: the preset's synthetic
+share of each batch (a quarter in `sos-cpu`) 2x2 mosaics of the set's tiles, KD on those, CE +
+Dice on the real rest. The bare loop decodes the tiles into memory once and makes each
 mosaic inline; on Ray Train the feed (train.saross_feed) makes them in Ray Data tasks beside
 the training process, so the ratio is what that feed costs the steps.
 
