@@ -51,6 +51,7 @@ PAPER = {"palsar": (86.30, 92.23, 92.18, 92.28), "sentinel": (87.25, 93.05, 92.8
 # "each student of student_modes": a variant that repeats the pipeline's students (`ema`, the seed runs)
 EACH = "each"
 
+
 def share_changes(saross, share: float) -> dict:
     """The TrainSarossConfig changes for a synthetic share of `share` at the optimiser steps of `saross`:
     an epoch is R / (1 - share) samples, so the epochs scale by (1 - share) / (1 - saross.synthetic_share)."""
